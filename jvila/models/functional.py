@@ -1,0 +1,63 @@
+"""The functional core: pure functions over (graphdef, state) shared by training and serving.
+
+Each function merges the model inside (cheap at trace time) and is meant to be called under
+`jax.jit` with `graphdef` and `attention` static and the cache donated. None keeps state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jvila.models.attention import Attention
+from jvila.models.kv_cache import KVCache
+
+
+def hidden_states(graphdef, state, tokens, *, attention: Attention, positions=None, segment_ids=None,
+                  input_embeddings=None):
+    """Cache-free forward: tokens [batch, seq] → final hidden states [batch, seq, hidden].
+
+    `input_embeddings`, if given, replaces the token embeddings (media are spliced in there).
+    """
+    model = nnx.merge(graphdef, state)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    x = model.embed_tokens(tokens) if input_embeddings is None else input_embeddings
+    hidden, _ = model(x, positions=positions, attention=attention, segment_ids=segment_ids)
+    return hidden
+
+
+def logits(graphdef, state, tokens, *, attention: Attention, positions=None, segment_ids=None):
+    """Cache-free forward: tokens [batch, seq] → float32 logits [batch, seq, vocab]."""
+    hidden = hidden_states(graphdef, state, tokens, attention=attention, positions=positions,
+                           segment_ids=segment_ids)
+    return nnx.merge(graphdef, state).logits(hidden)
+
+
+def loss(graphdef, state, tokens, targets, weights, *, attention: Attention, positions=None, segment_ids=None):
+    """Weighted mean next-token cross-entropy. targets/weights [batch, seq]; weight 0 = ignored."""
+    lg = logits(graphdef, state, tokens, attention=attention, positions=positions, segment_ids=segment_ids)
+    log_probs = jax.nn.log_softmax(lg, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def extend(graphdef, state, tokens, num_new, cache: KVCache, *, attention: Attention):
+    """Append tokens [batch, chunk] (row b: its first num_new[b] are real) to the cache.
+
+    Serves both prefill (a whole prompt or a chunk of it) and decode (chunk 1). Returns the float32
+    logits at each row's last real token [batch, vocab] and the updated cache.
+    """
+    model = nnx.merge(graphdef, state)
+    positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+    hidden, cache = model(model.embed_tokens(tokens), positions=positions, attention=attention,
+                          cache=cache, num_new=num_new)
+    last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
+    return model.logits(last), cache
+
+
+def decode_step(graphdef, state, tokens, cache: KVCache, *, attention: Attention):
+    """One token per sequence: tokens [batch] → logits [batch, vocab], updated cache."""
+    return extend(graphdef, state, tokens[:, None], jnp.ones_like(cache.lengths), cache, attention=attention)

@@ -1,0 +1,161 @@
+"""A Llama/Qwen2-family decoder in flax.nnx.
+
+Every parameter carries logical axis names (`out_sharding`); `sharding/` maps them onto a mesh with
+one rule table. Matmul weights are stored [in, ..., out] with heads as their own axis, so that
+the "q_heads"/"kv_heads" names can shard attention by head. Attention is a callable handed in
+(see `jvila.models.attention`); the KV cache is an explicit pytree (see `jvila.models.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jvila.config import LLMConfig
+from jvila.models.attention import Attention, CacheInfo, MaskInfo
+from jvila.models.kv_cache import KVCache, write_pages
+from jvila.models.rope import apply_rope, inverse_frequencies
+
+INIT_STD = 0.02  # the Hugging Face initializer range for these families
+
+
+def _param(rngs: nnx.Rngs | None, shape, names, dtype, *, fill: float | None = None) -> nnx.Param:
+    """A parameter with logical axis names. Placement on a mesh happens later, in `sharding/`."""
+    if fill is not None:
+        value = jnp.full(shape, fill, dtype)
+    else:
+        value = (INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.scale = _param(None, (dim,), ("norm",), dtype, fill=1.0)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype):
+        e, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = _param(rngs, (e, hq, d), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = _param(rngs, (e, hkv, d), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = _param(rngs, (hq, d, e), ("q_heads", "head_dim", "embed"), dtype)
+        if cfg.qkv_bias:
+            self.q_bias = _param(None, (hq, d), ("q_heads", "head_dim"), dtype, fill=0.0)
+            self.k_bias = _param(None, (hkv, d), ("kv_heads", "head_dim"), dtype, fill=0.0)
+            self.v_bias = _param(None, (hkv, d), ("kv_heads", "head_dim"), dtype, fill=0.0)
+        if cfg.out_bias:
+            self.o_bias = _param(None, (e,), ("embed",), dtype, fill=0.0)
+        self.rope, self.head_dim, self.qkv_bias, self.out_bias = cfg.rope, d, cfg.qkv_bias, cfg.out_bias
+
+    def __call__(self, x, *, attention: Attention, mask_info: MaskInfo, cache_info, pages, num_new):
+        dt = x.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
+        if self.qkv_bias:
+            q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
+        inv_freq = inverse_frequencies(self.rope, self.head_dim)
+        q = apply_rope(q, mask_info.positions, inv_freq)
+        k = apply_rope(k, mask_info.positions, inv_freq)
+        if pages is not None:
+            start = mask_info.positions[:, 0]
+            k_pages = write_pages(pages[0], k, cache_info.page_table, start, num_new)
+            v_pages = write_pages(pages[1], v, cache_info.page_table, start, num_new)
+            pages, k, v = (k_pages, v_pages), k_pages, v_pages
+        out = attention(q, k, v, mask_info=mask_info, cache_info=cache_info)
+        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+        if self.out_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, pages
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype):
+        e, m = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+        self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+        self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, dtype):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.attn = SelfAttention(cfg, rngs=rngs, dtype=dtype)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x, **attn_kwargs):
+        attn_out, pages = self.attn(self.input_norm(x), **attn_kwargs)
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_norm(x)), pages
+
+
+class LLM(nnx.Module):
+    """Decoder-only language model. `param_dtype` stores weights, `compute_dtype` runs the math."""
+
+    def __init__(self, cfg: LLMConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, compute_dtype=jnp.float32):
+        self.config = cfg
+        self.compute_dtype = compute_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=param_dtype) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
+
+    def __call__(
+        self,
+        embeddings: jax.Array,
+        *,
+        positions: jax.Array,
+        attention: Attention,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        num_new: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """embeddings [batch, seq, hidden] → final-normed hidden states, and the updated cache.
+
+        With a cache, `positions[:, 0]` must equal `cache.lengths` and `num_new[b]` tokens of row b
+        are real (the rest is padding, neither written nor counted).
+        """
+        mask_info = MaskInfo(positions=positions, segment_ids=segment_ids)
+        cache_info = None
+        if cache is not None:
+            cache_info = CacheInfo(page_table=cache.page_table, kv_lengths=cache.lengths + num_new)
+        x = embeddings.astype(self.compute_dtype)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            pages = None if cache is None else (cache.k_pages[i], cache.v_pages[i])
+            x, pages = layer(
+                x, attention=attention, mask_info=mask_info, cache_info=cache_info, pages=pages, num_new=num_new
+            )
+            if cache is not None:
+                new_k.append(pages[0])
+                new_v.append(pages[1])
+        if cache is not None:
+            cache = KVCache(tuple(new_k), tuple(new_v), cache.page_table, cache_info.kv_lengths)
+        return self.final_norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., hidden] → float32 logits [..., vocab]."""
+        dt = hidden.dtype
+        if self.config.tie_embeddings:
+            return jnp.einsum("...e,ve->...v", hidden, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
+        return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
