@@ -109,7 +109,7 @@ class LLMConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+            "eos_token_id": _one_or_list(self.eos_token_ids),
         }
         if self.family == "llama":
             if self.qkv_bias != self.out_bias:
@@ -117,6 +117,10 @@ class LLMConfig:
             hf["attention_bias"] = self.qkv_bias
             hf["mlp_bias"] = False
         return hf
+
+
+def _one_or_list(ids: tuple[int, ...]):
+    return None if not ids else ids[0] if len(ids) == 1 else list(ids)
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:

@@ -11,7 +11,7 @@ from jvila.models import functional
 from jvila.models.attention import dense_attention
 from jvila.models.kv_cache import contiguous_cache
 
-from hf_reference import TINY_CONFIGS, random_hf_model, random_tokens, to_jvila
+from tiny_hf import TINY_CONFIGS, random_hf_model, random_tokens, to_jvila
 
 # Both sides compute in float32 with different op orders; 1e-4 relative to the largest logit leaves
 # ~100x headroom over the ~1e-6 seen, while a wrong rope, bias or layout gives errors of order 1.

