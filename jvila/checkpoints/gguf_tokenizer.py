@@ -26,7 +26,7 @@ def tokenizer_files_from_gguf(path: str | os.PathLike, chat_template: str | None
         from transformers import AutoTokenizer
     except ImportError as err:
         raise CheckpointError(
-            "converting a GGUF tokenizer needs transformers (pip install 'transformers>=4.50')"
+            "converting a GGUF tokenizer needs transformers (pip install 'jvila[convert]')"
         ) from err
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
