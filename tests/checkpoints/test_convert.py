@@ -10,7 +10,6 @@ import transformers
 from flax import nnx
 
 from jvila.checkpoints.convert import convert
-from jvila.checkpoints.errors import CheckpointError
 from jvila.checkpoints.hf_dir import read_hf_dir
 from jvila.checkpoints.pretrained import load_pretrained
 from jvila.cli import main

@@ -34,10 +34,7 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def ours(tmp_path_factory):
-    import os
-
-    os.environ["JVILA_CACHE"] = str(tmp_path_factory.mktemp("jvila_cache"))
+def ours():
     model, tok_dir = load_pretrained(MODEL)
     return nnx.split(model), Tokenizer.from_dir(tok_dir)
 

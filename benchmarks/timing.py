@@ -1,0 +1,33 @@
+"""One way to time a device call, shared by every benchmark script.
+
+Sub-millisecond kernels cannot be timed one call at a time: the host's dispatch and sync cost as
+much as the kernel. Each sample therefore launches the call back to back enough times to fill
+~5 ms and syncs once at the end; the sample is that wall time divided by the launches.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_ms(call, sync, budget_s: float, *, max_samples: int = 30, min_samples: int = 5,
+              sample_s: float = 0.005) -> float:
+    """Median milliseconds per call of `call()`; `sync(result)` waits for the device."""
+    sync(call())  # compile
+    sync(call())  # settle autotuning and lazy initialisation
+    start = time.perf_counter()
+    sync(call())
+    single = time.perf_counter() - start
+    launches = max(1, min(200, int(sample_s / max(single, 1e-6))))
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < max_samples:
+        start = time.perf_counter()
+        for _ in range(launches):
+            result = call()
+        sync(result)
+        samples.append((time.perf_counter() - start) / launches)
+        if len(samples) >= min_samples and time.perf_counter() - started > budget_s:
+            break
+    return statistics.median(samples) * 1e3
