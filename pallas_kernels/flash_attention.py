@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -36,13 +35,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # The Triton backend warns about its deprecation from JAX 0.11 on.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas import triton as _pallas_triton
-    _TritonCompilerParams = _pallas_triton.CompilerParams
-except (ImportError, AttributeError):  # pragma: no cover - depends on jax build
-    _TritonCompilerParams = None
+from pallas_kernels._triton import compiler_params, next_pow2
 
 IMPLEMENTATIONS = ("reference", "pallas", "pallas_interpret", "cudnn", "xla")
 _LOG2_E = math.log2(math.e)
@@ -429,14 +422,6 @@ def _dkv_kernel(*refs, cfg: _KernelConfig, padded_kv_len: int):
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _compiler_params(num_warps, num_stages):
-    # Triton params select the Triton lowering on GPU; on TPU they would be the
-    # wrong backend's, and interpret mode ignores them either way.
-    if _TritonCompilerParams is None or jax.default_backend() == "tpu":
-        return None
-    return _TritonCompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _forward_call(cfg: _KernelConfig, q, k, v, shift, q_seg, kv_seg):
     batch, padded_q_len, q_heads, head_dim = q.shape
     padded_kv_len = k.shape[1]
@@ -474,7 +459,7 @@ def _forward_call(cfg: _KernelConfig, q, k, v, shift, q_seg, kv_seg):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_compiler_params(cfg.num_warps, cfg.num_stages),
+        compiler_params=compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=cfg.interpret,
         name="flash_attention_forward",
     )(*args)
@@ -486,7 +471,7 @@ def _backward_call(cfg: _KernelConfig, q, k, v, shift, q_seg, kv_seg, d_out, lse
     padded_kv_len, kv_heads = k.shape[1], k.shape[2]
     group = cfg.group
     seg_args = [q_seg, kv_seg] if cfg.has_segments else []
-    params = _compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd)
+    params = compiler_params(cfg.num_warps_bwd, cfg.num_stages_bwd)
 
     # dq: one program per (q block, batch, q head), sweeping kv blocks.
     num_q_blocks = padded_q_len // cfg.block_q_dq
@@ -581,14 +566,10 @@ def _flash_padded_bwd(cfg, residuals, cotangents):
 _flash_padded.defvjp(_flash_padded_fwd, _flash_padded_bwd)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _fit_block(block: int, length: int) -> int:
     if block < _MIN_BLOCK or block & (block - 1):
         raise ValueError(f"block sizes must be powers of two >= {_MIN_BLOCK}, got {block}")
-    return max(_MIN_BLOCK, min(block, _next_pow2(length)))
+    return max(_MIN_BLOCK, min(block, next_pow2(length)))
 
 
 def default_block_sizes(head_dim: int):
@@ -696,7 +677,7 @@ def flash_attention_pallas(
     kv_pad *= max(cfg.block_k, cfg.block_k_dkv, cfg.block_k_dq)
     # Triton tiles need a power-of-two head dim >= 16; zero columns change
     # neither scores nor the kept output columns.
-    dim_pad = max(_MIN_BLOCK, _next_pow2(head_dim))
+    dim_pad = max(_MIN_BLOCK, next_pow2(head_dim))
 
     qp = _pad_axis(_pad_axis(q, 1, q_pad), 3, dim_pad)
     kp = _pad_axis(_pad_axis(k, 1, kv_pad), 3, dim_pad)

@@ -31,23 +31,13 @@ which Mosaic TPU cannot lower).
 from __future__ import annotations
 
 import functools
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # Triton lowering parameters; the module warns about its deprecation from JAX 0.11 on.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas import triton as _pltriton
-
-    _TritonParams = getattr(_pltriton, "CompilerParams", None) or getattr(
-        _pltriton, "TritonCompilerParams"
-    )
-except (ImportError, AttributeError):  # pragma: no cover - depends on the jax build
-    _TritonParams = None
+from pallas_kernels._triton import HAS_TRITON, compiler_params, dot_precision, is_pow2
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
 
@@ -60,24 +50,9 @@ _TARGET_PROGRAMS = 256  # shrink programs wanted to fill an H100/H200 (132 SMs)
 # ----------------------------------------------------------------------------- helpers
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two dividing n, at most cap."""
     return min(n & -n, cap)
-
-
-def _compiler_params(num_warps, num_stages):
-    if _TritonParams is None:
-        raise NotImplementedError("this jax build has no Pallas Triton lowering")
-    return _TritonParams(num_warps=num_warps, num_stages=num_stages)
-
-
-def _dot_precision(dtype):
-    # fp32 operands: IEEE fp32 on Triton (its default would be TF32).
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _check_shapes(y, x, lora_a, lora_b, scales):
@@ -99,7 +74,7 @@ BGMV_PALLAS_MIN_TOKENS = 128
 
 
 def _triton_shapes_ok(in_dim, out_dim, max_rank):
-    return (_is_pow2(max_rank) and max_rank >= 16 and _pow2_divisor(in_dim, _BLOCK_K) >= 16
+    return (is_pow2(max_rank) and max_rank >= 16 and _pow2_divisor(in_dim, _BLOCK_K) >= 16
             and _pow2_divisor(out_dim, _BLOCK_N) >= 16)
 
 
@@ -116,7 +91,7 @@ def _resolve(implementation, in_dim, out_dim, max_rank):
     backend = jax.default_backend()
     if backend == "cpu":
         return "reference"
-    if backend == "gpu" and _TritonParams is not None and shapes_ok:
+    if backend == "gpu" and HAS_TRITON and shapes_ok:
         return "pallas"
     return "xla"
 
@@ -242,7 +217,7 @@ def _expand_kernel(rows_ref, adapter_ref, xa_ref, b_ref, scales_ref, y_ref, _, o
 def _grouped_lora_pallas(y, x, lora_a, lora_b, scales, block_rows, block_adapter, *, interpret,
                          num_warps, num_stages):
     num_blocks, block_tokens = block_rows.shape
-    if not (_is_pow2(block_tokens) and block_tokens >= 16):
+    if not (is_pow2(block_tokens) and block_tokens >= 16):
         raise ValueError(f"block_tokens must be a power of two >= 16, got {block_tokens}")
     num_adapters, in_dim, max_rank = lora_a.shape
     out_dim = y.shape[1]
@@ -256,13 +231,13 @@ def _grouped_lora_pallas(y, x, lora_a, lora_b, scales, block_rows, block_adapter
     want = max(1, _TARGET_PROGRAMS // num_blocks)
     k_splits = max(s for s in range(1, min(want, num_chunks) + 1) if num_chunks % s == 0)
     compute_dtype = jnp.promote_types(x.dtype, lora_a.dtype)
-    params = None if interpret else _compiler_params(num_warps, num_stages)
+    params = None if interpret else compiler_params(num_warps, num_stages)
     adapter_col = block_adapter.reshape(num_blocks, 1)
 
     shrink = functools.partial(_shrink_kernel, block_k=block_k,
                                chunks_per_split=num_chunks // k_splits,
                                compute_dtype=compute_dtype,
-                               precision=_dot_precision(compute_dtype))
+                               precision=dot_precision(compute_dtype))
     xa = pl.pallas_call(
         shrink,
         grid=(num_blocks, k_splits),

@@ -29,23 +29,13 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:  # Triton lowering parameters; the module warns about its deprecation from JAX 0.11 on.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas import triton as _pltriton
-
-    _TritonParams = getattr(_pltriton, "CompilerParams", None) or getattr(
-        _pltriton, "TritonCompilerParams"
-    )
-except (ImportError, AttributeError):  # pragma: no cover - depends on the jax build
-    _TritonParams = None
+from pallas_kernels._triton import HAS_TRITON, cdiv, compiler_params, dot_precision, is_pow2, next_pow2
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
 
@@ -65,31 +55,8 @@ _QUERY_ROWS_PER_BLOCK = 64
 # ----------------------------------------------------------------------------- helpers
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
 def _default_scale(sm_scale, head_dim):
     return 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
-
-
-def _dot_precision(dtype):
-    # fp32 operands: ask for IEEE fp32 (Triton would otherwise use TF32); bf16/fp16 use the MMA.
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
-def _compiler_params(num_warps, num_stages):
-    if _TritonParams is None:
-        raise NotImplementedError("this jax build has no Pallas Triton lowering")
-    return _TritonParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _check_cache(q_heads, head_dim, k_pages, v_pages):
@@ -104,7 +71,7 @@ def _check_cache(q_heads, head_dim, k_pages, v_pages):
 
 
 def _triton_shapes_ok(page_size, head_dim):
-    return _is_pow2(page_size) and _is_pow2(head_dim) and head_dim >= 16
+    return is_pow2(page_size) and is_pow2(head_dim) and head_dim >= 16
 
 
 def _resolve(implementation, page_size, head_dim):
@@ -120,7 +87,7 @@ def _resolve(implementation, page_size, head_dim):
     backend = jax.default_backend()
     if backend == "cpu":
         return "reference"
-    if backend == "gpu" and _TritonParams is not None and _triton_shapes_ok(page_size, head_dim):
+    if backend == "gpu" and HAS_TRITON and _triton_shapes_ok(page_size, head_dim):
         return "pallas"
     return "xla"
 
@@ -247,11 +214,11 @@ def _decode_kernel(q_ref, k_ref, v_ref, table_ref, length_ref, acc_ref, m_ref, l
 def _pick_pages_per_block(page_size, pages_per_seq, pages_per_block, row_bytes):
     if pages_per_block is None:
         tokens = min(_MAX_TOKENS_PER_BLOCK, _TILE_BYTES // row_bytes)
-        pages_per_block = max(1, _next_pow2(tokens + 1) // 2 // page_size)  # round tokens down
-        pages_per_block = min(pages_per_block, _next_pow2(pages_per_seq))
+        pages_per_block = max(1, next_pow2(tokens + 1) // 2 // page_size)  # round tokens down
+        pages_per_block = min(pages_per_block, next_pow2(pages_per_seq))
     # A K/V tile must hold >= 16 tokens (Triton dot) and a power-of-two count.
-    pages_per_block = max(pages_per_block, _cdiv(16, page_size))
-    if not _is_pow2(pages_per_block):
+    pages_per_block = max(pages_per_block, cdiv(16, page_size))
+    if not is_pow2(pages_per_block):
         raise ValueError(f"pages_per_block must be a power of two, got {pages_per_block}")
     return pages_per_block
 
@@ -262,15 +229,15 @@ def _paged_decode_pallas(q, k_pages, v_pages, page_table, lengths, *, sm_scale, 
     num_pages, page_size, kv_heads, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     group = q_heads // kv_heads
-    rows = max(16, _next_pow2(group))
+    rows = max(16, next_pow2(group))
     pages_per_block = _pick_pages_per_block(page_size, pages_per_seq, pages_per_block,
                                             head_dim * k_pages.dtype.itemsize)
-    blocks_per_seq = _cdiv(pages_per_seq, pages_per_block)
+    blocks_per_seq = cdiv(pages_per_seq, pages_per_block)
     if num_splits is None:  # split the context when sequences x kv heads cannot fill the GPU
-        num_splits = _next_pow2(_cdiv(_TARGET_PROGRAMS, num_seqs * kv_heads))
+        num_splits = next_pow2(cdiv(_TARGET_PROGRAMS, num_seqs * kv_heads))
     num_splits = max(1, min(num_splits, blocks_per_seq))
-    blocks_per_split = _cdiv(blocks_per_seq, num_splits)
-    num_splits = _cdiv(blocks_per_seq, blocks_per_split)
+    blocks_per_split = cdiv(blocks_per_seq, num_splits)
+    num_splits = cdiv(blocks_per_seq, blocks_per_split)
     pages_per_split = blocks_per_split * pages_per_block
 
     table = jnp.pad(page_table.astype(jnp.int32),
@@ -281,7 +248,7 @@ def _paged_decode_pallas(q, k_pages, v_pages, page_table, lengths, *, sm_scale, 
 
     kernel = functools.partial(_decode_kernel, sm_scale=sm_scale, page_size=page_size,
                                pages_per_block=pages_per_block,
-                               precision=_dot_precision(q.dtype))
+                               precision=dot_precision(q.dtype))
     pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda s, h, c: (0, 0, h, 0))
     partial_shape = (num_seqs, kv_heads, num_splits, rows)
     acc, m, l = pl.pallas_call(
@@ -304,7 +271,7 @@ def _paged_decode_pallas(q, k_pages, v_pages, page_table, lengths, *, sm_scale, 
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
         ],
-        compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+        compiler_params=None if interpret else compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="paged_decode_attention",
     )(qg, k_pages, v_pages, table, lengths.reshape(num_seqs, 1))
@@ -496,11 +463,11 @@ def _ragged_pallas(q, k_pages, v_pages, page_table, kv_lengths, cu_q_lens, *, sm
     num_pages, page_size, kv_heads, _ = k_pages.shape
     pages_per_seq = page_table.shape[1]
     group = q_heads // kv_heads
-    group_rows = _next_pow2(group)
-    block_q = max(block_q, _cdiv(16, group_rows))  # q tile rows >= 16 for the Triton dot
+    group_rows = next_pow2(group)
+    block_q = max(block_q, cdiv(16, group_rows))  # q tile rows >= 16 for the Triton dot
     pages_per_block = _pick_pages_per_block(page_size, pages_per_seq, pages_per_block,
                                             head_dim * k_pages.dtype.itemsize)
-    padded_pages = _cdiv(pages_per_seq, pages_per_block) * pages_per_block
+    padded_pages = cdiv(pages_per_seq, pages_per_block) * pages_per_block
 
     blocks = _query_blocks(cu_q_lens, kv_lengths, num_tokens, block_q)
     num_blocks = blocks["seq"].shape[0]
@@ -518,7 +485,7 @@ def _ragged_pallas(q, k_pages, v_pages, page_table, kv_lengths, cu_q_lens, *, sm
 
     kernel = functools.partial(_ragged_kernel, sm_scale=sm_scale, group_rows=group_rows,
                                pages_per_block=pages_per_block, page_size=page_size,
-                               precision=_dot_precision(q.dtype))
+                               precision=dot_precision(q.dtype))
     pool_spec = pl.BlockSpec((num_pages, page_size, None, head_dim), lambda b, h: (0, 0, h, 0))
     tile_spec = pl.BlockSpec((None, None, num_rows, head_dim), lambda b, h: (b, h, 0, 0))
     out = pl.pallas_call(
@@ -533,7 +500,7 @@ def _ragged_pallas(q, k_pages, v_pages, page_table, kv_lengths, cu_q_lens, *, sm
         ],
         out_specs=tile_spec,
         out_shape=jax.ShapeDtypeStruct(qb.shape, q.dtype),
-        compiler_params=None if interpret else _compiler_params(num_warps, num_stages),
+        compiler_params=None if interpret else compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="ragged_paged_attention",
     )(qb, k_pages, v_pages, table, meta)
@@ -545,14 +512,14 @@ def _ragged_pallas(q, k_pages, v_pages, page_table, kv_lengths, cu_q_lens, *, sm
 
 def _pick_block_q(num_tokens, num_seqs, group, block_q):
     if block_q is not None:
-        if not _is_pow2(block_q):
+        if not is_pow2(block_q):
             raise ValueError(f"block_q must be a power of two, got {block_q}")
         return block_q
     # Size blocks to the mean query length: decode-heavy batches get small blocks (little
     # padding), prefill chunks get up to _QUERY_ROWS_PER_BLOCK rows of q heads.
-    mean_q = _cdiv(num_tokens, max(num_seqs, 1))
-    cap = max(1, _QUERY_ROWS_PER_BLOCK // _next_pow2(group))
-    return min(_next_pow2(mean_q), cap)
+    mean_q = cdiv(num_tokens, max(num_seqs, 1))
+    cap = max(1, _QUERY_ROWS_PER_BLOCK // next_pow2(group))
+    return min(next_pow2(mean_q), cap)
 
 
 @functools.partial(jax.jit, static_argnames=(
