@@ -29,17 +29,45 @@ TINY_CONFIGS = {
 }
 
 
-def random_hf_model(name: str, seed: int = 0):
-    """A tiny HF causal LM with every parameter random (biases and norms too, unlike HF's init)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), attn_implementation="eager")
+def randomize(model, seed: int | None = None):
+    """Every parameter random (biases and norms too, unlike HF's init, so none can go unchecked)."""
+    # No seed: fresh values each run, so the tests are not tuned to one draw.
+    seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float32)
+            p.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
     return model.eval()
+
+
+def random_hf_model(name: str, seed: int = 0):
+    """One of TINY_CONFIGS, every parameter random."""
+    model = transformers.AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), attn_implementation="eager")
+    return randomize(model, seed)
+
+
+# Sizes that divide nothing in particular, but keep rows a multiple of 32 for Q8_0 blocks.
+TINY_SIZES = dict(
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
+
+_CONFIG_CLASSES = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+_MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
+
+def build_tiny_model(family: str, *, tie: bool, dtype=torch.float32, **overrides) -> torch.nn.Module:
+    """A tiny HF causal LM whose every parameter (norms included) is freshly random."""
+    config = _CONFIG_CLASSES[family](**(TINY_SIZES | overrides), tie_word_embeddings=tie)
+    return randomize(_MODEL_CLASSES[family](config)).to(dtype)
 
 
 def to_jvila(hf_model, **dtypes):

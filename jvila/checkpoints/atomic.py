@@ -16,7 +16,7 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False):
     """Yield a temporary directory beside `dst`; on success it replaces `dst`, on error it is removed."""
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
-        raise CheckpointError(f"destination {dst} exists; pass --overwrite to replace it")
+        raise CheckpointError(f"destination {dst} already exists; pass --overwrite to replace it")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from jvila.checkpoints.atomic import atomic_directory
 from jvila.checkpoints.errors import CheckpointError
 from jvila.checkpoints.hf_form import HFCheckpoint
 from jvila.checkpoints.orbax_io import is_jvila_checkpoint, load_checkpoint, read_tokenizer_files, save_checkpoint
@@ -54,12 +53,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool =
     from jvila.checkpoints.hf_dir import write_hf_dir
 
     if Path(dst).exists() and not overwrite:
-        raise CheckpointError(f"destination {dst} exists; pass --overwrite to replace it")
+        raise CheckpointError(f"destination {dst} already exists; pass --overwrite to replace it")
     if is_jvila_checkpoint(src):
         cfg, params, tok_dir = load_checkpoint(src)
         ckpt = HFCheckpoint(cfg.to_hf(), jvila_to_hf(params, cfg), read_tokenizer_files(tok_dir))
-        with atomic_directory(dst, overwrite=overwrite) as tmp:
-            write_hf_dir(ckpt, tmp)
+        write_hf_dir(ckpt, dst, overwrite=overwrite)
         return f"wrote Hugging Face directory {dst} ({cfg.family}, {cfg.num_layers} layers)"
     ckpt = read_source(src)
     cfg, params = hf_to_params(ckpt)

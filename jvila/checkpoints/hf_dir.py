@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jvila.checkpoints.atomic import atomic_directory
 from jvila.checkpoints.errors import CheckpointError
 from jvila.checkpoints.hf_form import (
     CAUSAL_LM_ARCHITECTURES,
@@ -98,16 +97,14 @@ def write_hf_dir(
     *,
     dtype: str | np.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
 ) -> pathlib.Path:
-    """Write `ckpt` as a new HF model directory at `path` (which must not exist, or be empty).
+    """Write `ckpt` as an HF model directory at `path` (replaced only with `overwrite`).
 
     `dtype` ("float32", "float16", "bfloat16") casts floating-point tensors and sets the config's
     `torch_dtype`; by default tensors keep their dtypes. Weights above `max_shard_bytes` are split
     into shards listed by model.safetensors.index.json. The directory appears only once complete.
     """
-    path = pathlib.Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(f"destination {path} already exists and is not an empty directory")
     if ckpt.config.get("model_type") in CAUSAL_LM_ARCHITECTURES:
         check_tensor_shapes(ckpt, require_all=False)
     config = dict(ckpt.config)
@@ -119,10 +116,7 @@ def write_hf_dir(
         if "dtype" in config:  # transformers 5 writes `dtype` where older versions wrote `torch_dtype`
             config["dtype"] = target.name
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the checkpoint should not be
+    with atomic_directory(path, overwrite=overwrite) as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _write_weights(tensors, staging, max_shard_bytes)
         for name, content in ckpt.tokenizer_files.items():
@@ -130,12 +124,7 @@ def write_hf_dir(
                 (staging / name).write_bytes(content)
             else:
                 (staging / name).write_text(content, encoding="utf-8")
-        # A rename makes the directory appear whole; over an empty directory it replaces it.
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+    return pathlib.Path(path)
 
 
 def _float_dtype(dtype: str | np.dtype) -> np.dtype:

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from jvila.checkpoints.errors import CheckpointError
+from jvila.config import HF_ARCHITECTURES
 
 # Files of an HF model directory that describe the tokenizer and generation, kept verbatim.
 TOKENIZER_FILENAMES = (
@@ -25,7 +26,7 @@ TOKENIZER_FILENAMES = (
 )
 
 # HF `model_type` → the causal-LM class name that goes in `architectures`.
-CAUSAL_LM_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+CAUSAL_LM_ARCHITECTURES = HF_ARCHITECTURES
 
 
 @dataclasses.dataclass

@@ -9,27 +9,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
 
 from jvila.checkpoints.known_models import resolve_gguf  # noqa: E402
-
-# Sizes that divide nothing in particular, but keep rows a multiple of 32 for Q8_0 blocks.
-TINY_SIZES = dict(
-    vocab_size=100,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
-
-_CONFIG_CLASSES = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
-_MODEL_CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
+from tiny_hf import build_tiny_model  # noqa: E402
 
 # HF → GGUF names, written out independently of the reader's table.
 _GGUF_BLOCK_PARTS = {
@@ -43,17 +25,6 @@ _GGUF_BLOCK_PARTS = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-
-
-def build_tiny_model(family: str, *, tie: bool, dtype=torch.float32, **overrides) -> torch.nn.Module:
-    """A tiny HF causal LM whose every parameter (norms included) is freshly random."""
-    config = _CONFIG_CLASSES[family](**(TINY_SIZES | overrides), tie_word_embeddings=tie)
-    model = _MODEL_CLASSES[family](config)
-    rng = np.random.default_rng()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.from_numpy(rng.normal(0.0, 0.5, size=tuple(param.shape)).astype(np.float32)))
-    return model.to(dtype).eval()
 
 
 def gguf_name(hf_name: str) -> str:
