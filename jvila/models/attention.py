@@ -51,9 +51,10 @@ def dense_attention(q, k, v, *, mask_info: MaskInfo, cache_info: CacheInfo | Non
         if mask_info.segment_ids is not None:
             seg = mask_info.segment_ids
             visible = visible & (seg[:, :, None] == seg[:, None, :])
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     else:
         k, v = gather_pages(k, cache_info.page_table), gather_pages(v, cache_info.page_table)
-        kv_pos = jnp.arange(k.shape[1])
+        kv_pos = jnp.arange(k.shape[2])
         visible = (kv_pos[None, None, :] <= mask_info.positions[:, :, None]) & (
             kv_pos[None, None, :] < cache_info.kv_lengths[:, None, None]
         )
@@ -61,26 +62,34 @@ def dense_attention(q, k, v, *, mask_info: MaskInfo, cache_info: CacheInfo | Non
 
 
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
-    """[num_pages, page_size, h, d] pool × [batch, n] table → [batch, n * page_size, h, d]."""
+    """[num_pages, page_size, h, d] pool × [batch, n] table → head-major [batch, h, n * page_size, d].
+
+    Head-major because the score and value matmuls batch over (batch, head): XLA then fuses the
+    gather and the transpose into one pass instead of copying K/V twice.
+    """
     batch, n = page_table.shape
     # Table entries past a sequence's length may be garbage: clip so the gather stays in bounds;
     # the mask hides whatever they point to.
-    gathered = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]
-    return gathered.reshape(batch, n * pages.shape[1], *pages.shape[2:])
+    gathered = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]  # [batch, n, page_size, h, d]
+    heads, head_dim = pages.shape[2:]
+    return gathered.transpose(0, 3, 1, 2, 4).reshape(batch, heads, n * pages.shape[1], head_dim)
+
+
+_MASKED = -1e30
 
 
 def _masked_softmax_attention(q, k, v, visible):
+    """q [b, q_len, q_heads, d]; k, v head-major [b, kv_heads, kv_len, d]; visible [b, q_len, kv_len]."""
     batch, q_len, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1]
     group = q_heads // kv_heads
     # Group query heads by their kv head instead of repeating K/V.
-    qg = q.reshape(batch, q_len, kv_heads, group, head_dim)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    # A query with nothing visible (padding) would give NaN; give it zeros instead.
-    any_visible = visible.any(-1)[:, None, None, :, None]
-    probs = jax.nn.softmax(jnp.where(any_visible, scores, 0.0), axis=-1)
-    probs = jnp.where(any_visible, probs, 0.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    # float32 throughout: this is the reference (XLA's CPU runtime has no bf16 x bf16 = f32 dot).
+    qg = q.reshape(batch, q_len, kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bqhgd,bhkd->bhgqk", qg, k.astype(jnp.float32))
+    # A finite mask value keeps fully masked rows (padding) free of NaN; they are zeroed below.
+    scores = jnp.where(visible[:, None, None], scores * (head_dim**-0.5), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bhgqk,bhkd->bqhgd", probs, v.astype(jnp.float32))
+    out = jnp.where(visible.any(-1)[:, :, None, None, None], out, 0.0)
     return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)

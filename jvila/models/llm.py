@@ -56,10 +56,8 @@ class SelfAttention(nnx.Module):
         self.rope, self.head_dim, self.qkv_bias, self.out_bias = cfg.rope, d, cfg.qkv_bias, cfg.out_bias
 
     def __call__(self, x, *, attention: Attention, mask_info: MaskInfo, cache_info, pages, num_new):
+        q, k, v = (_project_to_heads(x, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
         dt = x.dtype
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...].astype(dt))
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         inv_freq = inverse_frequencies(self.rope, self.head_dim)
@@ -71,10 +69,20 @@ class SelfAttention(nnx.Module):
             v_pages = write_pages(pages[1], v, cache_info.page_table, start, num_new)
             pages, k, v = (k_pages, v_pages), k_pages, v_pages
         out = attention(q, k, v, mask_info=mask_info, cache_info=cache_info)
-        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+        # Heads folded into one axis first: a plain 2-D matmul, which XLA runs on the stored
+        # weight as is (contracting two axes made it transpose o_proj on every call).
+        batch, seq = out.shape[:2]
+        o_proj = self.o_proj[...].astype(dt)
+        out = out.reshape(batch, seq, -1) @ o_proj.reshape(-1, o_proj.shape[-1])
         if self.out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, pages
+
+
+def _project_to_heads(x, w):
+    """x [b, t, e] @ w [e, heads, d] → [b, t, heads, d], as one 2-D matmul on the stored weight."""
+    e, heads, d = w.shape
+    return (x @ w.astype(x.dtype).reshape(e, heads * d)).reshape(*x.shape[:2], heads, d)
 
 
 class MLP(nnx.Module):
