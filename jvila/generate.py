@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jvila.models import functional
-from jvila.models.attention import dense_attention
+from jvila.models.kernel_attention import default_attention
 from jvila.models.kv_cache import KVCache, contiguous_cache
 
 MIN_BUCKET = 16
@@ -68,16 +68,23 @@ def generate(
     eos_ids=(),
     temperature: float = 0.0,
     seed: int = 0,
-    attention=dense_attention,
+    attention=None,
     page_size: int = 16,
     cache_dtype=None,
 ) -> list[list[int]]:
-    """Complete each prompt (token ids); returns the new ids, each ending at its first EOS (kept)."""
+    """Complete each prompt (token ids); returns the new ids, each ending at its first EOS (kept).
+
+    `attention` defaults to the platform's best (`default_attention`).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    attention = attention or default_attention()
     model = nnx.merge(graphdef, state)  # only to read its static config and dtype
+    vocab = model.config.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must lie in [0, {vocab})")
     width = bucket(max(len(p) for p in prompts))
     tokens = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):

@@ -6,6 +6,7 @@ into a local cache (`$JVILA_CACHE`, default `~/.cache/jvila`) and loaded from th
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 
 from jvila.checkpoints.convert import convert
 from jvila.checkpoints.errors import CheckpointError
+from jvila.checkpoints.known_models import KNOWN_MODELS, resolve_gguf
 from jvila.checkpoints.orbax_io import is_jvila_checkpoint, load_checkpoint
 from jvila.models.llm import LLM
 from jvila.models.params import model_from_params
@@ -27,8 +29,6 @@ def resolve_checkpoint(name_or_path: str) -> Path:
 
     Anything that is not already a jvila checkpoint is converted once into the cache.
     """
-    from jvila.checkpoints.known_models import KNOWN_MODELS, resolve_gguf
-
     path = Path(name_or_path)
     if path.exists() and is_jvila_checkpoint(path):
         return path
@@ -36,7 +36,7 @@ def resolve_checkpoint(name_or_path: str) -> Path:
         source, cached = resolve_gguf(name_or_path), cache_root() / name_or_path
     elif path.exists():
         source = path.absolute()
-        cached = cache_root() / "converted" / (source.name + "-" + _short_hash(str(source)))
+        cached = cache_root() / "converted" / f"{source.name}-{_fingerprint(source)}"
     else:
         raise CheckpointError(
             f"{name_or_path!r} is neither a known model ({', '.join(sorted(KNOWN_MODELS))}) nor an existing path"
@@ -53,7 +53,8 @@ def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, compute_dtype
     return model, tok_dir
 
 
-def _short_hash(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+def _fingerprint(source: Path) -> str:
+    """Path and newest modification time: an edited source converts anew instead of going stale."""
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    newest = max((p.stat().st_mtime_ns for p in files), default=0)
+    return hashlib.sha256(f"{source}:{newest}".encode()).hexdigest()[:12]

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jvila.models.attention import CacheInfo, MaskInfo
+from jvila.models.attention import CacheInfo, MaskInfo, dense_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention
 
@@ -52,6 +52,4 @@ class KernelAttention:
 
 def default_attention():
     """Kernels on accelerators; the dense reference on CPU, where it is the fastest path."""
-    from jvila.models.attention import dense_attention
-
     return dense_attention if jax.default_backend() == "cpu" else KernelAttention()

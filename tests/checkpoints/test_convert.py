@@ -126,3 +126,18 @@ def _edit_config(directory, **changes):
     config = json.loads(path.read_text())
     config.update(changes)
     path.write_text(json.dumps(config))
+
+
+def test_an_hf_directory_is_converted_once_and_again_when_edited(tmp_path, make_tiny_model):
+    import os
+
+    from jvila.checkpoints.pretrained import resolve_checkpoint
+
+    make_tiny_model("llama", tie=True).save_pretrained(tmp_path / "hf")
+    first = resolve_checkpoint(str(tmp_path / "hf"))
+    assert resolve_checkpoint(str(tmp_path / "hf")) == first  # cached
+    weights = tmp_path / "hf" / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert resolve_checkpoint(str(tmp_path / "hf")) != first
+    assert resolve_checkpoint(str(first)) == first  # a jvila checkpoint is used where it is

@@ -82,6 +82,7 @@ def jax_tree_cast(state, dtype):
 @pytest.mark.parametrize("bad,kwargs,match", [
     ([[]], {"max_new_tokens": 2}, "at least one token"),
     ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens"),
+    ([[1, CFG.vocab_size]], {"max_new_tokens": 2}, "token ids"),
 ])
 def test_bad_input(split_model, bad, kwargs, match):
     graphdef, state = split_model
