@@ -41,19 +41,21 @@ def loss(graphdef, state, tokens, targets, weights, *, attention: Attention, pos
     log_probs = jax.nn.log_softmax(lg, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)
-    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    # All-zero weights give 0, not NaN.
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
 
 
-def extend(graphdef, state, tokens, num_new, cache: KVCache, *, attention: Attention):
+def extend(graphdef, state, tokens, num_new, cache: KVCache, *, attention: Attention, input_embeddings=None):
     """Append tokens [batch, chunk] (row b: its first num_new[b] are real) to the cache.
 
     Serves both prefill (a whole prompt or a chunk of it) and decode (chunk 1). Returns the float32
     logits at each row's last real token [batch, vocab] and the updated cache.
+    `input_embeddings` [batch, chunk, hidden], if given, replaces the token embeddings.
     """
     model = nnx.merge(graphdef, state)
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
-    hidden, cache = model(model.embed_tokens(tokens), positions=positions, attention=attention,
-                          cache=cache, num_new=num_new)
+    x = model.embed_tokens(tokens) if input_embeddings is None else input_embeddings
+    hidden, cache = model(x, positions=positions, attention=attention, cache=cache, num_new=num_new)
     last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
     return model.logits(last), cache
 

@@ -88,3 +88,21 @@ def test_bad_input(split_model, bad, kwargs, match):
     graphdef, state = split_model
     with pytest.raises(ValueError, match=match):
         gen.generate(graphdef, state, bad, **kwargs)
+
+
+def test_input_embeddings_stand_in_for_tokens(split_model):
+    """Media enter as embeddings: passing the token embeddings themselves must change nothing."""
+    from jvila.models import functional
+    from jvila.models.attention import dense_attention
+    from jvila.models.kv_cache import contiguous_cache
+
+    graphdef, state = split_model
+    tokens = jnp.asarray(prompts([10, 10], 9), jnp.int32)
+    embeds = nnx.merge(graphdef, state).embed_tokens(tokens)
+    want = functional.hidden_states(graphdef, state, tokens, attention=dense_attention)
+    got = functional.hidden_states(graphdef, state, tokens, attention=dense_attention, input_embeddings=embeds)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    num_new = jnp.asarray([10, 6], jnp.int32)
+    runs = [functional.extend(graphdef, state, tokens, num_new, contiguous_cache(CFG, 2, 16), attention=dense_attention,
+                              input_embeddings=e) for e in (None, embeds)]
+    np.testing.assert_array_equal(np.asarray(runs[0][0]), np.asarray(runs[1][0]))
