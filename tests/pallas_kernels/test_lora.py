@@ -203,27 +203,6 @@ def test_dispatch_on_cpu_uses_reference_and_validates():
         bgmv(y, x, a16, b16[:, :, :16], indices, scales16)
 
 
-@pytest.fixture
-def verified_triton_modules(monkeypatch):
-    """Runs MLIR verification on every Triton module lowered during the test (catches ill-typed
-    IR, e.g. mismatched loop-bound types, that would otherwise surface only at GPU compile
-    time). Relies on a private hook; without it the test still checks the lowering."""
-    try:
-        from jax._src.pallas.triton import pallas_call_registration as registration
-        lower = registration.lowering.lower_jaxpr_to_triton_module
-    except (ImportError, AttributeError):
-        return None
-    verified = []
-
-    def lower_and_verify(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        verified.append(result.module.operation.verify())
-        return result
-
-    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", lower_and_verify)
-    return verified
-
-
 @pytest.mark.parametrize("tokens", [1, 64])  # 1 token: one block, in_dim split over programs
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_gpu_lowering_emits_triton_kernels(tokens, dtype, verified_triton_modules):
