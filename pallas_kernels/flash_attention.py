@@ -37,7 +37,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._triton import compiler_params, next_pow2
 
-IMPLEMENTATIONS = ("reference", "pallas", "pallas_interpret", "cudnn", "xla")
+IMPLEMENTATIONS = (
+    "reference", "pallas", "pallas_interpret", "pallas_tpu", "pallas_tpu_interpret", "cudnn", "xla"
+)
 _LOG2_E = math.log2(math.e)
 _LN_2 = math.log(2.0)
 # Triton's tensor-core dots need every operand dimension >= 16.
@@ -758,7 +760,8 @@ def flash_attention_with_lse(
     """Attention returning ``(out, lse)``; see ``flash_attention`` for dispatch.
 
     Only implementations that produce lse apply: reference, pallas,
-    pallas_interpret (auto picks reference on CPU, pallas elsewhere).
+    pallas_interpret, pallas_tpu, pallas_tpu_interpret (auto picks reference
+    on CPU, pallas elsewhere; the TPU kernel is explicit opt-in only).
     """
     if implementation is None:
         implementation = choose_implementation(
@@ -784,8 +787,16 @@ def flash_attention_with_lse(
         return flash_attention_pallas(
             q, k, v, **common, **pallas_options, interpret=implementation == "pallas_interpret"
         )
+    if implementation in ("pallas_tpu", "pallas_tpu_interpret"):
+        # Imported here: the TPU module builds on this one's reference.
+        from pallas_kernels.flash_attention_tpu import flash_attention_tpu
+
+        return flash_attention_tpu(
+            q, k, v, **common, **pallas_options, interpret=implementation == "pallas_tpu_interpret"
+        )
     raise ValueError(
-        f"implementation {implementation!r} does not return lse; use reference, pallas or pallas_interpret"
+        f"implementation {implementation!r} does not return lse; use reference, pallas(_tpu) or "
+        "pallas(_tpu)_interpret"
     )
 
 
@@ -806,7 +817,9 @@ def flash_attention(
     """Attention output ``[batch, q_len, q_heads, head_dim]``, dispatched.
 
     ``implementation``: None (auto, see ``choose_implementation``), "reference",
-    "pallas", "pallas_interpret", "cudnn" or "xla" (the last two go through
+    "pallas", "pallas_interpret", "pallas_tpu" / "pallas_tpu_interpret" (the
+    Mosaic TPU kernel, explicit opt-in; ``pallas_options`` are its block_q and
+    block_k), "cudnn" or "xla" (the last two go through
     ``jax.nn.dot_product_attention`` and support neither segment ids nor
     offsets). When auto picks cuDNN and cuDNN rejects the call at trace time
     (old cuDNN, unsupported GPU), the Pallas kernel is used instead.

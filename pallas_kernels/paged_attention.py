@@ -15,6 +15,9 @@ Implementations (`implementation=`):
   "xla"               gather the pages, then einsum in the cache dtype with fp32 accumulation.
   "pallas"            Pallas kernels lowered through Triton (GPU).
   "pallas_interpret"  the same kernels run by the Pallas interpreter (any backend; CPU tests).
+  "pallas_tpu"        decode only, opt-in: the Mosaic TPU kernel of `paged_attention_tpu.py`
+                      (page ids from SMEM address per-page DMAs); "pallas_tpu_interpret" runs
+                      it under the TPU interpreter.
   None                CPU -> reference, GPU -> pallas where the shapes fit the Triton
                       constraints (else xla), TPU -> xla (the kernels below gather pages with
                       vector indices, which Mosaic TPU cannot lower).
@@ -36,8 +39,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels._triton import HAS_TRITON, cdiv, compiler_params, dot_precision, is_pow2, next_pow2
+from pallas_kernels.paged_attention_tpu import paged_attention_tpu
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
+# Decode only (`paged_attention`), never picked by `implementation=None`.
+TPU_IMPLEMENTATIONS = ("pallas_tpu", "pallas_tpu_interpret")
 
 # Finite stand-in for -inf: rows with no visible key keep m at this value, and exp(0)=1 there
 # is harmless because the probabilities themselves are zeroed by the mask, never by exp.
@@ -299,6 +305,11 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
     _check_cache(q_heads, head_dim, k_pages, v_pages)
     if page_table.shape[0] != num_seqs or lengths.shape != (num_seqs,):
         raise ValueError("page_table and lengths must have one row per query")
+    if implementation in TPU_IMPLEMENTATIONS:
+        return paged_attention_tpu(q, k_pages, v_pages, page_table, lengths,
+                                   sm_scale=_default_scale(sm_scale, head_dim),
+                                   pages_per_block=pages_per_block,
+                                   interpret=implementation == "pallas_tpu_interpret")
     impl = _resolve(implementation, k_pages.shape[1], head_dim)
     scale = _default_scale(sm_scale, head_dim)
     if impl == "reference":

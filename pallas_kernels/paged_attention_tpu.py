@@ -1,0 +1,194 @@
+"""Paged decode attention as a Mosaic TPU kernel (semantics: `paged_attention_reference`).
+
+Layout on the chip:
+  - the page table and lengths are scalar-prefetch operands, so they sit in SMEM and the
+    kernel can read page ids as scalars to address DMAs (Mosaic cannot gather with vectors);
+  - the K/V pools stay in HBM (`pl.ANY`); each program copies only the pages its sequence
+    owns, one page per DMA, into a two-slot VMEM buffer: while block b is computed, the pages
+    of block b + 1 are already in flight;
+  - the grid is (sequence, kv head); a program holds all query heads of its kv head, so K/V are
+    read once per kv head (GQA without repetition), and runs an fp32 online softmax over its
+    blocks of `pages_per_block` pages.
+
+Page-table entries past a sequence's length are never read as DMA addresses, and slots past the
+length (stale buffer contents, NaN tails of the last page) are masked out of the logits and
+zeroed in V, because `0 * NaN` would otherwise reach the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+# Finite stand-in for -inf, so exp(m_prev - m_next) never sees inf - inf before any live key.
+_MASK_VALUE = -1e30
+# Tokens per K/V block by default: 512 tokens of d128 bf16 is 128 KiB per buffer; K and V,
+# two slots each, take 512 KiB of VMEM, far under the scoped limit of every TPU generation.
+_DEFAULT_TOKENS_PER_BLOCK = 512
+
+# Older jax spelled it TPUCompilerParams.
+_CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
+
+
+def interpret_params():
+    """TPU interpret mode with every check this jax offers (older/newer jax differ in fields)."""
+    wanted = {"detect_races": True, "uninitialized_memory": "nan", "out_of_bounds_reads": "raise"}
+    known = {f.name for f in dataclasses.fields(pltpu.InterpretParams)}
+    return pltpu.InterpretParams(**{k: v for k, v in wanted.items() if k in known})
+
+
+def _when(condition, actions):
+    """Runs the side-effecting `actions` (DMA starts or waits) only where `condition` holds."""
+    @pl.when(condition)
+    def _():
+        for action in actions:
+            action()
+
+
+def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, *,
+                   sm_scale, page_size, pages_per_block, pages_per_seq, head_dim):
+    seq = pl.program_id(0)
+    kv_head = pl.program_id(1)
+    length = lengths_ref[seq]
+    # lax.div/rem (truncating) rather than // and %: the operands are >= 0, and the floor
+    # variants add sign fix-ups whose lowering also asks for the chip generation, which
+    # lowering for TPU from a CPU host (the test) cannot supply.
+    used_pages = lax.div(length + page_size - 1, page_size)
+    num_blocks = lax.div(used_pages + pages_per_block - 1, pages_per_block)
+    tokens_per_block = pages_per_block * page_size
+    # The pools are [pages, page_size, kv_heads * head_dim]: this kv head is a lane-aligned
+    # column window of each page (a strided DMA), so the VMEM copy is a dense [page_size, d].
+    column = pl.multiple_of(kv_head * head_dim, head_dim)
+
+    def page_copies(block, slot):
+        """(live?, K copy, V copy) for every page of `block`; dead pages are never addressed."""
+        copies = []
+        for i in range(pages_per_block):
+            page_index = block * pages_per_block + i
+            live = page_index < used_pages
+            # Dead entries may be garbage or out of range: substitute page 0, and only ever
+            # start or wait under `live`.
+            page_id = jnp.where(live, table_ref[seq * pages_per_seq
+                                                + jnp.minimum(page_index, pages_per_seq - 1)], 0)
+            src = (slice(None), pl.ds(column, head_dim))
+            k_copy = pltpu.make_async_copy(k_hbm.at[page_id].at[src], k_buf.at[slot, i],
+                                           sems.at[0, slot])
+            v_copy = pltpu.make_async_copy(v_hbm.at[page_id].at[src], v_buf.at[slot, i],
+                                           sems.at[1, slot])
+            copies.append((live, k_copy, v_copy))
+        return copies
+
+    def start(block, slot):
+        for live, *copies in page_copies(block, slot):
+            _when(live, [copy.start for copy in copies])
+
+    def wait(block, slot):
+        for live, *copies in page_copies(block, slot):
+            _when(live, [copy.wait for copy in copies])
+
+    @pl.when(num_blocks > 0)
+    def _():
+        start(0, 0)
+
+    q = q_ref[...]
+    group = q.shape[0]
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    def body(block, carry):
+        acc, m_prev, l_prev = carry
+        slot = lax.rem(block, 2)
+
+        @pl.when(block + 1 < num_blocks)
+        def _():
+            start(block + 1, 1 - slot)
+
+        wait(block, slot)
+        # [pages, page_size, d] -> [tokens, d]: merges leading dims only (page_size is a
+        # multiple of the sublane tile on the sizes a TPU is meant to run).
+        k = k_buf[slot].reshape(tokens_per_block, head_dim)
+        v = v_buf[slot].reshape(tokens_per_block, head_dim)
+        first_token = block * tokens_per_block
+        key_pos = first_token + lax.broadcasted_iota(jnp.int32, (group, tokens_per_block), 1)
+        live = key_pos < length
+        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32) * sm_scale
+        logits = jnp.where(live, logits, _MASK_VALUE)
+        m_next = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
+        probs = jnp.where(live, jnp.exp(logits - m_next), 0.0)
+        correction = jnp.exp(m_prev - m_next)
+        l_next = correction * l_prev + probs.sum(axis=1, keepdims=True)
+        v_live = first_token + lax.broadcasted_iota(jnp.int32, (tokens_per_block, head_dim), 0)
+        v = jnp.where(v_live < length, v, jnp.zeros((), v.dtype))
+        pv = lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+        return correction * acc + pv, m_next, l_next
+
+    init = (jnp.zeros((group, head_dim), jnp.float32),
+            jnp.full((group, 1), _MASK_VALUE, jnp.float32),
+            jnp.zeros((group, 1), jnp.float32))
+    acc, _, l = lax.fori_loop(0, num_blocks, body, init)
+    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "interpret"))
+def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
+                        pages_per_block=None, interpret=False):
+    """Decode attention over paged K/V on TPU; `interpret=True` runs the TPU interpreter (CPU).
+
+    `pages_per_block` pages form one K/V block (default: ~512 tokens, capped at the table width).
+    """
+    num_seqs, q_heads, head_dim = q.shape
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {k_pages.shape} and v_pages {v_pages.shape} differ")
+    num_pages, page_size, kv_heads, kv_dim = k_pages.shape
+    if kv_dim != head_dim or q_heads % kv_heads:
+        raise ValueError(f"q {q.shape} does not fit the cache {k_pages.shape}")
+    pages_per_seq = page_table.shape[1]
+    if page_table.shape[0] != num_seqs or lengths.shape != (num_seqs,):
+        raise ValueError("page_table and lengths must have one row per query")
+    group = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if pages_per_block is None:
+        pages_per_block = max(1, min(pages_per_seq, _DEFAULT_TOKENS_PER_BLOCK // page_size))
+    if pages_per_block < 1:
+        raise ValueError(f"pages_per_block must be >= 1, got {pages_per_block}")
+
+    # 2-D SMEM arrays are padded to 128-word rows; a flat table wastes nothing.
+    table = page_table.astype(jnp.int32).reshape(-1)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, pages_per_seq * page_size)
+    qg = q.reshape(num_seqs, kv_heads, group, head_dim)
+    # Free reshapes (trailing dims are contiguous): a kv head becomes a column window.
+    k_flat = k_pages.reshape(num_pages, page_size, kv_heads * head_dim)
+    v_flat = v_pages.reshape(num_pages, page_size, kv_heads * head_dim)
+
+    kernel = functools.partial(_decode_kernel, sm_scale=scale, page_size=page_size,
+                               pages_per_block=pages_per_block, pages_per_seq=pages_per_seq,
+                               head_dim=head_dim)
+    # q/out blocks are [group, d]: group (1-8 here) is the full dim, which Mosaic accepts and
+    # pads to a sublane tile; d = 128 fills the lanes.
+    row_spec = pl.BlockSpec((None, None, group, head_dim), lambda s, h, *_: (s, h, 0, 0))
+    pool_spec = pl.BlockSpec(memory_space=pl.ANY)
+    buf = pltpu.VMEM((2, pages_per_block, page_size, head_dim), k_pages.dtype)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(num_seqs, kv_heads),
+        in_specs=[row_spec, pool_spec, pool_spec],
+        out_specs=row_spec,
+        scratch_shapes=[buf, buf, pltpu.SemaphoreType.DMA((2, 2))],
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
+        compiler_params=_CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=interpret_params() if interpret else False,
+        name="paged_decode_attention_tpu",
+    )(table, lengths, qg, k_flat, v_flat)
+    return out.reshape(q.shape)
