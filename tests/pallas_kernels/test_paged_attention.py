@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paged_cache import poisoned_cache
 
 from pallas_kernels.paged_attention import (
     paged_attention,
@@ -32,27 +33,6 @@ _seed = itertools.count(int(np.random.SeedSequence().entropy % (2**31)))
 
 def _rng():
     return np.random.default_rng(next(_seed))
-
-
-def _poisoned_cache(rng, lengths, page_size, pages_per_seq, kv_heads, head_dim, dtype,
-                    spare_pages=3):
-    """Pool with shuffled page ids; NaN wherever no live token is stored."""
-    needed = [-(-n // page_size) for n in lengths]
-    num_pages = sum(needed) + spare_pages
-    shape = (num_pages, page_size, kv_heads, head_dim)
-    k = np.full(shape, np.nan, np.float32)
-    v = np.full(shape, np.nan, np.float32)
-    table = rng.integers(-1000, 1000, (len(lengths), pages_per_seq))  # garbage past the length
-    free_ids = iter(rng.permutation(num_pages))
-    for s, n in enumerate(lengths):
-        for p in range(needed[s]):
-            page = next(free_ids)
-            table[s, p] = page
-            live = min(page_size, n - p * page_size)
-            k[page, :live] = rng.standard_normal((live, kv_heads, head_dim))
-            v[page, :live] = rng.standard_normal((live, kv_heads, head_dim))
-    return (jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table, jnp.int32),
-            jnp.asarray(lengths, jnp.int32))
 
 
 def _naive_attention(q, k_pages, v_pages, table, query_positions, scale):
@@ -94,7 +74,7 @@ _DECODE_LENGTHS = [0, 1, 7, 16, 23, 45, 48]  # page 8, 6 pages/seq: empty, parti
 
 def test_decode_reference_matches_naive_loop():
     rng = _rng()
-    k, v, table, lengths = _poisoned_cache(rng, _DECODE_LENGTHS, 8, 6, 2, 16, jnp.float32)
+    k, v, table, lengths = poisoned_cache(rng, _DECODE_LENGTHS, 8, 6, 2, 16, jnp.float32)
     q = jnp.asarray(rng.standard_normal((len(_DECODE_LENGTHS), 8, 16)), jnp.float32)
     out = paged_attention_reference(q, k, v, table, lengths, sm_scale=0.3)
     # The decode query sits after the last stored token: it sees positions 0 .. length-1.
@@ -109,7 +89,7 @@ def test_decode_reference_matches_naive_loop():
 def test_decode_pallas_matches_reference(q_heads, kv_heads, dtype):
     rng = _rng()
     head_dim = 32
-    k, v, table, lengths = _poisoned_cache(rng, _DECODE_LENGTHS, 8, 6, kv_heads, head_dim, dtype)
+    k, v, table, lengths = poisoned_cache(rng, _DECODE_LENGTHS, 8, 6, kv_heads, head_dim, dtype)
     q = jnp.asarray(rng.standard_normal((len(_DECODE_LENGTHS), q_heads, head_dim)), dtype)
     expected = paged_attention_reference(q, k, v, table, lengths)
     out = paged_attention(q, k, v, table, lengths, implementation="pallas_interpret")
@@ -123,7 +103,7 @@ def test_decode_pallas_splits_and_tiles(num_splits, pages_per_block):
     """Splitting the context (3 splits of 6 pages leaves uneven and empty splits) and changing
     the tile size must not change the result."""
     rng = _rng()
-    k, v, table, lengths = _poisoned_cache(rng, _DECODE_LENGTHS, 8, 6, 2, 16, jnp.float32)
+    k, v, table, lengths = poisoned_cache(rng, _DECODE_LENGTHS, 8, 6, 2, 16, jnp.float32)
     q = jnp.asarray(rng.standard_normal((len(_DECODE_LENGTHS), 8, 16)), jnp.float32)
     expected = paged_attention_reference(q, k, v, table, lengths)
     out = paged_attention(q, k, v, table, lengths, implementation="pallas_interpret",
@@ -134,7 +114,7 @@ def test_decode_pallas_splits_and_tiles(num_splits, pages_per_block):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_xla_matches_reference(dtype):
     rng = _rng()
-    k, v, table, lengths = _poisoned_cache(rng, _DECODE_LENGTHS, 4, 12, 2, 16, dtype)
+    k, v, table, lengths = poisoned_cache(rng, _DECODE_LENGTHS, 4, 12, 2, 16, dtype)
     q = jnp.asarray(rng.standard_normal((len(_DECODE_LENGTHS), 8, 16)), dtype)
     expected = paged_attention_reference(q, k, v, table, lengths)
     out = paged_attention(q, k, v, table, lengths, implementation="xla")
@@ -150,7 +130,7 @@ _RAGGED = [(37, 37), (45, 13), (1, 1), (20, 0), (0, 0), (48, 1), (23, 5), (40, 3
 
 def _ragged_inputs(rng, q_heads, kv_heads, head_dim, dtype, pad_rows=5):
     kv_lens = [kv for kv, _ in _RAGGED]
-    k, v, table, kv_lengths = _poisoned_cache(rng, kv_lens, 8, 6, kv_heads, head_dim, dtype)
+    k, v, table, kv_lengths = poisoned_cache(rng, kv_lens, 8, 6, kv_heads, head_dim, dtype)
     cu = np.concatenate([[0], np.cumsum([ql for _, ql in _RAGGED])]).astype(np.int32)
     q = rng.standard_normal((cu[-1] + pad_rows, q_heads, head_dim)).astype(np.float32)
     q[cu[-1]:] = np.nan  # padding rows must not matter
@@ -198,7 +178,7 @@ def test_ragged_block_sizes_and_xla(implementation, block_q):
 def test_ragged_all_decode_equals_decode():
     """q_len 1 everywhere: the ragged call is paged decode."""
     rng = _rng()
-    k, v, table, lengths = _poisoned_cache(rng, [5, 17, 48, 30], 8, 6, 2, 16, jnp.float32)
+    k, v, table, lengths = poisoned_cache(rng, [5, 17, 48, 30], 8, 6, 2, 16, jnp.float32)
     q = jnp.asarray(rng.standard_normal((4, 8, 16)), jnp.float32)
     cu = jnp.arange(5, dtype=jnp.int32)
     decode = paged_attention_reference(q, k, v, table, lengths)
@@ -211,7 +191,7 @@ def test_ragged_all_decode_equals_decode():
 
 def test_dispatch_on_cpu_uses_reference_and_validates():
     rng = _rng()
-    k, v, table, lengths = _poisoned_cache(rng, [3, 9], 8, 2, 1, 16, jnp.float32)
+    k, v, table, lengths = poisoned_cache(rng, [3, 9], 8, 2, 1, 16, jnp.float32)
     q = jnp.asarray(rng.standard_normal((2, 2, 16)), jnp.float32)
     auto = paged_attention(q, k, v, table, lengths)
     # Same reference math, jitted vs eager: only XLA's fusion choices differ.
@@ -223,7 +203,7 @@ def test_dispatch_on_cpu_uses_reference_and_validates():
     with pytest.raises(ValueError, match="multiple"):
         paged_attention(q[:, :1].repeat(3, axis=1), k[..., :1, :].repeat(2, axis=2),
                         v[..., :1, :].repeat(2, axis=2), table, lengths)
-    k6, v6, table6, lengths6 = _poisoned_cache(rng, [3, 9], 6, 2, 1, 16, jnp.float32)
+    k6, v6, table6, lengths6 = poisoned_cache(rng, [3, 9], 6, 2, 1, 16, jnp.float32)
     with pytest.raises(ValueError, match="power-of-two"):  # page size 6 cannot tile for Triton
         paged_attention(q, k6, v6, table6, lengths6, implementation="pallas_interpret")
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from paged_cache import poisoned_cache
 
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu
@@ -39,28 +40,6 @@ def _rng():
     return np.random.default_rng(next(_seed))
 
 
-def _poisoned_cache(rng, lengths, page_size, pages_per_seq, kv_heads, dtype, spare_pages=2):
-    """Pool with shuffled page ids; NaN wherever no live token is stored; garbage past lengths."""
-    needed = [-(-n // page_size) for n in lengths]
-    num_pages = sum(needed) + spare_pages
-    shape = (num_pages, page_size, kv_heads, HEAD_DIM)
-    k = np.full(shape, np.nan, np.float32)
-    v = np.full(shape, np.nan, np.float32)
-    garbage = np.array([-7, 10**6, num_pages, -1])
-    table = rng.choice(garbage, (len(lengths), pages_per_seq))
-    table = np.where(rng.random(table.shape) < 0.5, table, rng.integers(-10**4, 10**4, table.shape))
-    free_ids = iter(rng.permutation(num_pages))
-    for s, n in enumerate(lengths):
-        for p in range(needed[s]):
-            page = next(free_ids)
-            table[s, p] = page
-            live = min(page_size, n - p * page_size)
-            k[page, :live] = rng.standard_normal((live, kv_heads, HEAD_DIM))
-            v[page, :live] = rng.standard_normal((live, kv_heads, HEAD_DIM))
-    return (jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(table, jnp.int32),
-            jnp.asarray(lengths, jnp.int32))
-
-
 def _check(q, k, v, table, lengths, tol, **kwargs):
     out = paged_attention_tpu(q, k, v, table, lengths, interpret=True, **kwargs)
     ref = paged_attention_reference(q, k, v, table, lengths, sm_scale=kwargs.get("sm_scale"))
@@ -80,7 +59,7 @@ def _check(q, k, v, table, lengths, tol, **kwargs):
 def test_matches_reference_fp32(kv_heads, group):
     rng = _rng()
     lengths = [0, 5, 8, 16, 37]
-    k, v, table, lens = _poisoned_cache(rng, lengths, 8, 5, kv_heads, jnp.float32)
+    k, v, table, lens = poisoned_cache(rng, lengths, 8, 5, kv_heads, HEAD_DIM, jnp.float32)
     q = jnp.asarray(rng.standard_normal((len(lengths), kv_heads * group, HEAD_DIM)), jnp.float32)
     out = _check(q, k, v, table, lens, FP32_TOL, pages_per_block=2)
     np.testing.assert_array_equal(out[0], 0.0)  # length 0 -> zeros
@@ -91,7 +70,7 @@ def test_matches_reference_bf16(kv_heads, group):
     # page_size 16: one bf16 sublane tile (bf16 packs two rows per sublane).
     rng = _rng()
     lengths = [16, 3, 0, 45]
-    k, v, table, lens = _poisoned_cache(rng, lengths, 16, 3, kv_heads, jnp.bfloat16)
+    k, v, table, lens = poisoned_cache(rng, lengths, 16, 3, kv_heads, HEAD_DIM, jnp.bfloat16)
     q = jnp.asarray(rng.standard_normal((len(lengths), kv_heads * group, HEAD_DIM)), jnp.bfloat16)
     _check(q, k, v, table, lens, BF16_TOL, pages_per_block=2)
 
@@ -101,7 +80,7 @@ def test_default_block_and_scale_and_overlong_length():
     # clipped to it, as the reference does; a custom scale must reach the logits.
     rng = _rng()
     lengths = [29, 12]
-    k, v, table, lens = _poisoned_cache(rng, lengths, 8, 4, 2, jnp.float32)
+    k, v, table, lens = poisoned_cache(rng, lengths, 8, 4, 2, HEAD_DIM, jnp.float32)
     # Tokens 29..31 of sequence 0's last page become live once its length is clipped to 32.
     k = jnp.nan_to_num(k, nan=0.5)
     v = jnp.nan_to_num(v, nan=-0.25)
@@ -114,7 +93,7 @@ def test_one_page_blocks_many_blocks():
     # several times, with the prefetch of page p + 1 in flight while page p is computed.
     rng = _rng()
     lengths = [50, 1, 8]
-    k, v, table, lens = _poisoned_cache(rng, lengths, 8, 7, 2, jnp.float32)
+    k, v, table, lens = poisoned_cache(rng, lengths, 8, 7, 2, HEAD_DIM, jnp.float32)
     q = jnp.asarray(rng.standard_normal((3, 4, HEAD_DIM)), jnp.float32)
     _check(q, k, v, table, lens, FP32_TOL, pages_per_block=1)
 
@@ -123,7 +102,7 @@ def test_live_out_of_range_page_is_caught():
     # The checks are live: an out-of-range id *inside* a length is DMA'd and the interpreter
     # raises, so the garbage entries of the other tests are indeed never addressed.
     rng = _rng()
-    k, v, table, lens = _poisoned_cache(rng, [9], 8, 2, 1, jnp.float32)
+    k, v, table, lens = poisoned_cache(rng, [9], 8, 2, 1, HEAD_DIM, jnp.float32)
     q = jnp.asarray(rng.standard_normal((1, 1, HEAD_DIM)), jnp.float32)
     bad = table.at[0, 1].set(10**6)
     try:
@@ -146,7 +125,7 @@ def test_dispatch_opt_in():
     # pages_per_block pass through.
     rng = _rng()
     lengths = [21, 0, 9]
-    k, v, table, lens = _poisoned_cache(rng, lengths, 8, 4, 2, jnp.float32)
+    k, v, table, lens = poisoned_cache(rng, lengths, 8, 4, 2, HEAD_DIM, jnp.float32)
     q = jnp.asarray(rng.standard_normal((3, 4, HEAD_DIM)), jnp.float32)
     ref = paged_attention_reference(q, k, v, table, lens)
     out = paged_attention(q, k, v, table, lens, implementation="pallas_tpu_interpret",
