@@ -1,4 +1,4 @@
-"""What the Triton-lowered Pallas kernels share: compiler parameters and power-of-two sizing.
+"""What the Triton-lowered Pallas kernels share: compiler parameters, sizing, segment blocks.
 
 Passing Triton compiler parameters is what selects the Triton lowering on GPU (JAX's default
 there is Mosaic GPU); interpret mode ignores them, so CPU tests run the same kernel bodies.
@@ -44,3 +44,19 @@ def is_pow2(n: int) -> bool:
 
 def cdiv(a, b):
     return (a + b - 1) // b
+
+
+def blocks_over_segments(sizes, block_size: int, num_blocks: int):
+    """Cut consecutive segments of `sizes[s]` rows into blocks of `block_size` rows, none spanning
+    two segments. Returns per block (num_blocks is static, at least the blocks needed): its
+    segment, whether it is used, and its first row's offset inside the segment; and per segment
+    the index of its first block."""
+    blocks_of_segment = (sizes + block_size - 1) // block_size
+    block_end = jnp.cumsum(blocks_of_segment)
+    block_begin = block_end - blocks_of_segment
+    block = jnp.arange(num_blocks, dtype=jnp.int32)
+    segment = jnp.searchsorted(block_end, block, side="right").astype(jnp.int32)
+    used = segment < sizes.shape[0]
+    segment = jnp.minimum(segment, sizes.shape[0] - 1)
+    offset = (block - block_begin[segment]) * block_size
+    return segment, used, offset, block_begin

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._triton import HAS_TRITON, compiler_params, dot_precision, is_pow2
+from pallas_kernels._triton import HAS_TRITON, blocks_over_segments, compiler_params, dot_precision, is_pow2
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
 
@@ -157,16 +157,9 @@ def _token_blocks(order, group_starts, group_adapters, num_blocks, block_tokens)
     ids; padding rows repeat the block's first token) and block_adapter [num_blocks] (-1 for
     blocks left over or belonging to adapter -1).
     """
-    num_groups = group_adapters.shape[0]
     sizes = jnp.where(group_adapters >= 0, group_starts[1:] - group_starts[:-1], 0)
-    blocks_of_group = (sizes + block_tokens - 1) // block_tokens
-    block_end = jnp.cumsum(blocks_of_group)
-    block_begin = block_end - blocks_of_group
-    block = jnp.arange(num_blocks, dtype=jnp.int32)
-    group = jnp.searchsorted(block_end, block, side="right").astype(jnp.int32)
-    used = group < num_groups
-    group = jnp.minimum(group, num_groups - 1)
-    first = group_starts[group] + (block - block_begin[group]) * block_tokens
+    group, used, offset, _ = blocks_over_segments(sizes, block_tokens, num_blocks)
+    first = group_starts[group] + offset
     live_rows = jnp.clip(group_starts[group + 1] - first, 1, block_tokens)
     row = jnp.arange(block_tokens, dtype=jnp.int32)
     position = first[:, None] + jnp.minimum(row[None, :], live_rows[:, None] - 1)

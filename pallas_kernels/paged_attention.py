@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._triton import HAS_TRITON, cdiv, compiler_params, dot_precision, is_pow2, next_pow2
+from pallas_kernels._triton import HAS_TRITON, blocks_over_segments, cdiv, compiler_params, dot_precision, is_pow2, next_pow2
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
@@ -182,6 +182,18 @@ def _load_kv_tile(pages_ref, table_ref, first_page, first_token, end_token, *,
     return tile, live
 
 
+def _load_kv_tiles(k_ref, v_ref, table_ref, first_page, first_token, end_token, *, pages_per_block,
+                   page_size):
+    """K and V tiles of one block of pages, and which of their tokens are live. V is zeroed where
+    dead: its slots may hold NaN, and 0 * NaN would leak through P @ V even at P = 0."""
+    load = functools.partial(_load_kv_tile, table_ref=table_ref, first_page=first_page,
+                             first_token=first_token, end_token=end_token,
+                             pages_per_block=pages_per_block, page_size=page_size)
+    k, live = load(k_ref)
+    v, _ = load(v_ref)
+    return k, jnp.where(live[:, None], v, jnp.zeros((), v.dtype)), live
+
+
 def _decode_kernel(q_ref, k_ref, v_ref, table_ref, length_ref, acc_ref, m_ref, l_ref, *,
                    sm_scale, pages_per_block, page_size, precision):
     # Program (sequence, kv head, split): all query heads of the kv head against the split's
@@ -198,13 +210,8 @@ def _decode_kernel(q_ref, k_ref, v_ref, table_ref, length_ref, acc_ref, m_ref, l
 
     def body(block, carry):
         first_token = split_start + block * tokens_per_block
-        load = functools.partial(_load_kv_tile, table_ref=table_ref,
-                                 first_page=block * pages_per_block, first_token=first_token,
-                                 end_token=length, pages_per_block=pages_per_block,
-                                 page_size=page_size)
-        k, live = load(k_ref)
-        v, _ = load(v_ref)
-        v = jnp.where(live[:, None], v, jnp.zeros((), v.dtype))
+        k, v, live = _load_kv_tiles(k_ref, v_ref, table_ref, block * pages_per_block, first_token,
+                                    length, pages_per_block=pages_per_block, page_size=page_size)
         mask = jnp.broadcast_to(live[None, :], (rows, tokens_per_block))
         return _online_softmax_step(carry, q, k, v, mask, sm_scale=sm_scale, precision=precision)
 
@@ -373,14 +380,7 @@ def _query_blocks(cu_q_lens, kv_lengths, num_tokens, block_q):
     num_seqs = kv_lengths.shape[0]
     num_blocks = min(num_tokens, num_tokens // block_q + num_seqs)
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    blocks_of_seq = (q_lens + block_q - 1) // block_q
-    block_end = jnp.cumsum(blocks_of_seq)
-    block_begin = block_end - blocks_of_seq
-    block = jnp.arange(num_blocks, dtype=jnp.int32)
-    seq = jnp.searchsorted(block_end, block, side="right").astype(jnp.int32)
-    used = seq < num_seqs
-    seq = jnp.minimum(seq, num_seqs - 1)
-    within = (block - block_begin[seq]) * block_q
+    seq, used, within, block_begin = blocks_over_segments(q_lens, block_q, num_blocks)
     rows = jnp.where(used, jnp.clip(q_lens[seq] - within, 0, block_q), 0)
     first_row = cu_q_lens[seq] + within
     first_pos = kv_lengths[seq] - q_lens[seq] + within
@@ -450,13 +450,8 @@ def _ragged_kernel(q_ref, k_ref, v_ref, table_ref, meta_ref, o_ref, *, sm_scale,
 
     def body(block, carry):
         first_token = block * tokens_per_block
-        load = functools.partial(_load_kv_tile, table_ref=table_ref,
-                                 first_page=block * pages_per_block, first_token=first_token,
-                                 end_token=key_end, pages_per_block=pages_per_block,
-                                 page_size=page_size)
-        k, live = load(k_ref)
-        v, _ = load(v_ref)
-        v = jnp.where(live[:, None], v, jnp.zeros((), v.dtype))
+        k, v, live = _load_kv_tiles(k_ref, v_ref, table_ref, block * pages_per_block, first_token,
+                                    key_end, pages_per_block=pages_per_block, page_size=page_size)
         key_pos = first_token + lax.broadcasted_iota(jnp.int32, (tokens_per_block,), 0)
         mask = (live[None, :] & row_live[:, None] & (key_pos[None, :] <= row_pos[:, None]))
         return _online_softmax_step(carry, q, k, v, mask, sm_scale=sm_scale, precision=precision)
