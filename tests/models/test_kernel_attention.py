@@ -1,5 +1,8 @@
 """The whole model with the Pallas kernels (interpret mode) against the dense reference attention."""
 
+import contextlib
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from jvila.models.attention import dense_attention
 from jvila.models.kernel_attention import KernelAttention
 from jvila.models.kv_cache import contiguous_cache
 from jvila.models.llm import LLM
+from sharding.rules import make_mesh, shard_state
 
 # head_dim and page size are powers of two, as the Triton-shaped kernels require.
 CFG = LLMConfig(vocab_size=101, hidden_size=64, intermediate_size=80, num_layers=2, num_heads=4, num_kv_heads=1,
@@ -67,3 +71,36 @@ def test_generation_is_unchanged(split_model):
     prompts = [list(np.asarray(tokens((n,), n))) for n in (5, 19)]
     want = generate(graphdef, state, prompts, max_new_tokens=6, page_size=8)
     assert generate(graphdef, state, prompts, max_new_tokens=6, page_size=8, attention=KERNELS) == want
+
+
+# 4 query / 2 kv heads: both split over a 2-way tensor axis.
+MESH_CFG = LLMConfig(vocab_size=97, hidden_size=64, intermediate_size=80, num_layers=2, num_heads=4,
+                     num_kv_heads=2, head_dim=16)
+
+
+@pytest.mark.parametrize("mesh_from", ["argument", "context"])
+def test_kernels_on_a_mesh_match_one_device(mesh_from):
+    # Pallas calls cannot be partitioned by XLA: KernelAttention must shard_map them over the
+    # mesh (batch over data x fsdp, heads over tensor) and still compute what one device does.
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    graphdef, state = nnx.split(LLM(MESH_CFG, rngs=nnx.Rngs(5)))
+    toks = jnp.asarray(np.random.default_rng(3).integers(0, MESH_CFG.vocab_size, (4, 24)), jnp.int32)
+    kernels = KernelAttention("pallas_interpret", mesh=mesh if mesh_from == "argument" else None)
+    sharded = shard_state(state, mesh)
+
+    def run(attention, state):
+        cache = contiguous_cache(MESH_CFG, 4, 32, page_size=8)
+        prefill = functional.logits(graphdef, state, toks, attention=attention)
+        chunk, cache = functional.extend(graphdef, state, toks[:, :9], jnp.asarray([9, 4, 9, 1], jnp.int32),
+                                         cache, attention=attention)
+        step, _ = functional.decode_step(graphdef, state, toks[:, 9], cache, attention=attention)
+        return prefill, chunk, step
+
+    want = run(dense_attention, state)
+    with jax.set_mesh(mesh) if mesh_from == "context" else contextlib.nullcontext():
+        # Three kernel kinds (flash, ragged, decode) per layer, each under its own shard_map.
+        jaxpr = str(jax.make_jaxpr(run, static_argnums=0)(kernels, sharded))
+        assert jaxpr.count("shard_map[") == 3 * MESH_CFG.num_layers
+        got = jax.jit(run, static_argnums=0)(kernels, sharded)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=TOL, atol=TOL)
