@@ -15,9 +15,10 @@ Implementations (`implementation=`):
   "xla"               gather the pages, then einsum in the cache dtype with fp32 accumulation.
   "pallas"            Pallas kernels lowered through Triton (GPU).
   "pallas_interpret"  the same kernels run by the Pallas interpreter (any backend; CPU tests).
-  "pallas_tpu"        decode only, opt-in: the Mosaic TPU kernel of `paged_attention_tpu.py`
-                      (page ids from SMEM address per-page DMAs); "pallas_tpu_interpret" runs
-                      it under the TPU interpreter.
+  "pallas_tpu"        opt-in: the Mosaic TPU kernels of `paged_attention_tpu.py` (decode) and
+                      `ragged_paged_attention_tpu.py` (ragged), whose page ids come from SMEM
+                      and address per-page DMAs; "pallas_tpu_interpret" runs them under the TPU
+                      interpreter.
   None                CPU -> reference, GPU -> pallas where the shapes fit the Triton
                       constraints (else xla), TPU -> xla (the kernels below gather pages with
                       vector indices, which Mosaic TPU cannot lower).
@@ -40,9 +41,10 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._triton import HAS_TRITON, blocks_over_segments, cdiv, compiler_params, dot_precision, is_pow2, next_pow2
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu
+from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 
 IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
-# Decode only (`paged_attention`), never picked by `implementation=None`.
+# Mosaic TPU kernels (decode and ragged), never picked by `implementation=None`.
 TPU_IMPLEMENTATIONS = ("pallas_tpu", "pallas_tpu_interpret")
 
 # Finite stand-in for -inf: rows with no visible key keep m at this value, and exp(0)=1 there
@@ -544,6 +546,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_len
     num_seqs = kv_lengths.shape[0]
     if page_table.shape[0] != num_seqs or cu_q_lens.shape != (num_seqs + 1,):
         raise ValueError("page_table needs num_seqs rows and cu_q_lens num_seqs + 1 entries")
+    if implementation in TPU_IMPLEMENTATIONS:
+        return ragged_paged_attention_tpu(q, k_pages, v_pages, page_table, kv_lengths, cu_q_lens,
+                                          sm_scale=_default_scale(sm_scale, head_dim),
+                                          block_q=block_q, pages_per_block=pages_per_block,
+                                          interpret=implementation == "pallas_tpu_interpret")
     impl = _resolve(implementation, k_pages.shape[1], head_dim)
     scale = _default_scale(sm_scale, head_dim)
     if num_tokens == 0:

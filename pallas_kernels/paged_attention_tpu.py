@@ -52,6 +52,55 @@ def _when(condition, actions):
             action()
 
 
+@dataclasses.dataclass(frozen=True)
+class PageDMAs:
+    """Per-page DMAs of one sequence's pages, one kv head's column window, into a two-slot buffer.
+
+    Block b of the sequence is pages [b * P, (b + 1) * P) of its table row (P = pages per
+    buffer slot); only pages below `used_pages` are ever addressed, since entries past them may
+    be garbage or out of range. `start` and `wait` rebuild the same descriptors, so a wait
+    matches its start by construction.
+    """
+
+    table_ref: object  # flat page table in SMEM
+    table_offset: object  # index of the sequence's first entry in it
+    pages_per_seq: int
+    used_pages: object
+    k_hbm: object  # pools [pages, page_size, kv_heads * head_dim] in HBM
+    v_hbm: object
+    k_buf: object  # [2, P, page_size, head_dim] in VMEM
+    v_buf: object
+    sems: object  # DMA semaphores [2 (K, V), 2 (slot)]
+    column: object  # first lane of the kv head in a pool row
+
+    def copies(self, block, slot):
+        """(live?, K copy, V copy) for every page of `block`."""
+        pages_per_block, _, head_dim = self.k_buf.shape[1:]
+        src = (slice(None), pl.ds(self.column, head_dim))
+        copies = []
+        for i in range(pages_per_block):
+            page_index = block * pages_per_block + i
+            live = page_index < self.used_pages
+            # Substitute page 0 for dead entries; they are only ever started or waited on
+            # under `live`, so page 0 is never actually copied for them.
+            entry = self.table_offset + jnp.minimum(page_index, self.pages_per_seq - 1)
+            page_id = jnp.where(live, self.table_ref[entry], 0)
+            k_copy = pltpu.make_async_copy(self.k_hbm.at[page_id].at[src],
+                                           self.k_buf.at[slot, i], self.sems.at[0, slot])
+            v_copy = pltpu.make_async_copy(self.v_hbm.at[page_id].at[src],
+                                           self.v_buf.at[slot, i], self.sems.at[1, slot])
+            copies.append((live, k_copy, v_copy))
+        return copies
+
+    def start(self, block, slot):
+        for live, *copies in self.copies(block, slot):
+            _when(live, [copy.start for copy in copies])
+
+    def wait(self, block, slot):
+        for live, *copies in self.copies(block, slot):
+            _when(live, [copy.wait for copy in copies])
+
+
 def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, *,
                    sm_scale, page_size, pages_per_block, pages_per_seq, head_dim):
     seq = pl.program_id(0)
@@ -67,35 +116,12 @@ def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_
     # column window of each page (a strided DMA), so the VMEM copy is a dense [page_size, d].
     column = pl.multiple_of(kv_head * head_dim, head_dim)
 
-    def page_copies(block, slot):
-        """(live?, K copy, V copy) for every page of `block`; dead pages are never addressed."""
-        copies = []
-        for i in range(pages_per_block):
-            page_index = block * pages_per_block + i
-            live = page_index < used_pages
-            # Dead entries may be garbage or out of range: substitute page 0, and only ever
-            # start or wait under `live`.
-            page_id = jnp.where(live, table_ref[seq * pages_per_seq
-                                                + jnp.minimum(page_index, pages_per_seq - 1)], 0)
-            src = (slice(None), pl.ds(column, head_dim))
-            k_copy = pltpu.make_async_copy(k_hbm.at[page_id].at[src], k_buf.at[slot, i],
-                                           sems.at[0, slot])
-            v_copy = pltpu.make_async_copy(v_hbm.at[page_id].at[src], v_buf.at[slot, i],
-                                           sems.at[1, slot])
-            copies.append((live, k_copy, v_copy))
-        return copies
-
-    def start(block, slot):
-        for live, *copies in page_copies(block, slot):
-            _when(live, [copy.start for copy in copies])
-
-    def wait(block, slot):
-        for live, *copies in page_copies(block, slot):
-            _when(live, [copy.wait for copy in copies])
+    pages = PageDMAs(table_ref, seq * pages_per_seq, pages_per_seq, used_pages, k_hbm, v_hbm,
+                     k_buf, v_buf, sems, column)
 
     @pl.when(num_blocks > 0)
     def _():
-        start(0, 0)
+        pages.start(0, 0)
 
     q = q_ref[...]
     group = q.shape[0]
@@ -107,9 +133,9 @@ def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_
 
         @pl.when(block + 1 < num_blocks)
         def _():
-            start(block + 1, 1 - slot)
+            pages.start(block + 1, 1 - slot)
 
-        wait(block, slot)
+        pages.wait(block, slot)
         # [pages, page_size, d] -> [tokens, d]: merges leading dims only (page_size is a
         # multiple of the sublane tile on the sizes a TPU is meant to run).
         k = k_buf[slot].reshape(tokens_per_block, head_dim)
