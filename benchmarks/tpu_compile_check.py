@@ -35,6 +35,7 @@ from jvila.models.kv_cache import KVCache  # noqa: E402
 from jvila.models.params import abstract_model  # noqa: E402
 from pallas_kernels.flash_attention_tpu import flash_attention_tpu  # noqa: E402
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu  # noqa: E402
+from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu  # noqa: E402
 from pallas_kernels.tpu_aot import TOPOLOGIES, compile_for_tpu, tpu_devices, tpu_mesh  # noqa: E402
 from sharding.rules import logical_to_spec, make_mesh  # noqa: E402
 
@@ -85,6 +86,18 @@ def _paged_case(name, num_seqs, context, q_heads, kv_heads, head_dim, page_size)
     return Case(name, build)
 
 
+def _ragged_case(name, num_seqs, capacity, num_tokens, q_heads, kv_heads, head_dim, page_size):
+    def build(mesh):
+        pages_per_seq = -(-capacity // page_size)
+        pool = _sds((num_seqs * pages_per_seq, page_size, kv_heads, head_dim))
+        args = (_sds((num_tokens, q_heads, head_dim)), pool, pool,
+                _sds((num_seqs, pages_per_seq), jnp.int32), _sds((num_seqs,), jnp.int32),
+                _sds((num_seqs + 1,), jnp.int32))
+        return ragged_paged_attention_tpu, args
+
+    return Case(name, build)
+
+
 def _sharded(mesh, shape, dtype, names):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(names, shape, mesh)))
 
@@ -119,8 +132,9 @@ def _model_train_case(name, cfg, batch, length, mesh_axes):
     return Case(name, build, mesh_axes)
 
 
-def _model_decode_case(name, cfg, batch, context, page_size, mesh_axes):
-    """One decode step of the whole model over the paged cache, paged attention through Mosaic."""
+def _model_cache_case(name, cfg, batch, context, page_size, chunk, mesh_axes):
+    """One `extend` of the whole model over the paged cache: chunk 1 is a decode step (paged
+    attention), a longer chunk is chunked prefill (ragged paged attention)."""
 
     def build(mesh):
         graphdef, state = _abstract_state(cfg, mesh)
@@ -131,12 +145,13 @@ def _model_decode_case(name, cfg, batch, context, page_size, mesh_axes):
         cache = KVCache(k_pages=(pool,) * cfg.num_layers, v_pages=(pool,) * cfg.num_layers,
                         page_table=_sharded(mesh, (batch, pages_per_seq), jnp.int32, ("batch", None)),
                         lengths=_sharded(mesh, (batch,), jnp.int32, ("batch",)))
-        tokens = _sharded(mesh, (batch,), jnp.int32, ("batch",))
+        tokens = _sharded(mesh, (batch, chunk), jnp.int32, ("batch", None))
+        num_new = _sharded(mesh, (batch,), jnp.int32, ("batch",))
 
-        def step(state, tokens, cache):
-            return functional.decode_step(graphdef, state, tokens, cache, attention=attention)
+        def step(state, tokens, num_new, cache):
+            return functional.extend(graphdef, state, tokens, num_new, cache, attention=attention)
 
-        return step, (state, tokens, cache)
+        return step, (state, tokens, num_new, cache)
 
     return Case(name, build, mesh_axes)
 
@@ -153,15 +168,19 @@ def model_cases(quick: bool) -> list[Case]:
         return [
             _model_train_case("model train step fsdp2 x tensor2 (tiny)", MODEL_TINY, 4, 256,
                               dict(fsdp=2, tensor=2)),
-            _model_decode_case("model decode step tensor2 (tiny)", MODEL_TINY, 4, 512, 16,
-                               dict(fsdp=2, tensor=2)),
+            _model_cache_case("model decode step fsdp2 x tensor2 (tiny)", MODEL_TINY, 4, 512, 16, 1,
+                              dict(fsdp=2, tensor=2)),
+            _model_cache_case("model prefill chunk fsdp2 x tensor2 (tiny)", MODEL_TINY, 4, 512, 16, 64,
+                              dict(fsdp=2, tensor=2)),
         ]
     return [
         _model_train_case("model train step fsdp4, 1B-shape x2 layers, b8 s2048", MODEL_1B, 8, 2048,
                           dict(fsdp=4)),
         _model_train_case("model train step fsdp2 x tensor2, same", MODEL_1B, 8, 2048, dict(fsdp=2, tensor=2)),
-        _model_decode_case("model decode step tensor4, 1B-shape, b32 ctx4096 p16", MODEL_1B, 32, 4096, 16,
-                           dict(fsdp=1, tensor=4)),
+        _model_cache_case("model decode step tensor4, 1B-shape, b32 ctx4096 p16", MODEL_1B, 32, 4096, 16, 1,
+                          dict(fsdp=1, tensor=4)),
+        _model_cache_case("model prefill chunk 512 tensor4, same", MODEL_1B, 32, 4096, 16, 512,
+                          dict(fsdp=1, tensor=4)),
     ]
 
 
@@ -171,6 +190,7 @@ def kernel_cases(quick: bool) -> list[Case]:
             _flash_case("flash fwd causal b1 s256 h4/2 d128", 1, 256, 4, 2, 128),
             _flash_case("flash fwd+bwd segments b1 s256 h4/2 d128", 1, 256, 4, 2, 128, segments=True, grad=True),
             _paged_case("paged decode 2x512 h8/2 d128 p16", 2, 512, 8, 2, 128, 16),
+            _ragged_case("ragged 2x512 cap, 300 tokens h8/2 d128 p16", 2, 512, 300, 8, 2, 128, 16),
         ]
     return [
         _flash_case("flash fwd causal b2 s2048 h8/2 d128", 2, 2048, 8, 2, 128),
@@ -180,6 +200,8 @@ def kernel_cases(quick: bool) -> list[Case]:
         _flash_case("flash fwd+bwd segments b2 s2048 h8/8 d64", 2, 2048, 8, 8, 64, segments=True, grad=True),
         _paged_case("paged decode 32x4096 h32/8 d128 p16", 32, 4096, 32, 8, 128, 16),
         _paged_case("paged decode 8x2048 h16/16 d128 p32", 8, 2048, 16, 16, 128, 32),
+        _ragged_case("ragged 8x4096 cap, 8192 tokens h32/8 d128 p16", 8, 4096, 8192, 32, 8, 128, 16),
+        _ragged_case("ragged 8x4096 cap, 8192 tokens h32/8 d128 p32", 8, 4096, 8192, 32, 8, 128, 32),
     ]
 
 

@@ -15,6 +15,7 @@ so jax does not look for a local TPU.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 
 import jax
@@ -39,6 +40,9 @@ def tpu_devices(generation: str):
     """The devices of a one-host slice of `generation` (a key of TOPOLOGIES)."""
     if generation not in TOPOLOGIES:
         raise ValueError(f"unknown TPU generation {generation!r}; expected one of {sorted(TOPOLOGIES)}")
+    # libtpu takes a host-wide lock file, as if it owned the chips; only compiling here, any
+    # number of processes may share it (set before libtpu first loads, i.e. here).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[generation]).devices
 
 
