@@ -22,10 +22,12 @@ token, so they recompute and rewrite that token's exact value: no masked stores 
 
 Implementations (`implementation=`): "reference" (fp32 jnp, the ground truth), "xla" (gather
 the adapters per token + einsum, the usual baseline), "pallas" (Triton, GPU),
-"pallas_interpret" (same kernels, interpreted; CPU tests), None = CPU -> reference,
-GPU -> pallas when the shapes fit Triton (power-of-two max_rank >= 16, in/out dims with a
-power-of-two divisor >= 16), else xla; TPU -> xla (the kernels gather rows with vector indices,
-which Mosaic TPU cannot lower).
+"pallas_interpret" (same kernels, interpreted; CPU tests), "pallas_tpu" (the Mosaic TPU
+kernel of `lora_tpu.py`: groups of contiguous rows, the adapter of each block read from SMEM by
+the index maps, any shapes), "pallas_tpu_interpret" (that kernel in the TPU interpreter; CPU
+tests), None = CPU -> reference, GPU -> pallas when the shapes fit Triton (power-of-two
+max_rank >= 16, in/out dims with a power-of-two divisor >= 16), else xla; TPU -> xla (the
+Triton kernels above gather rows with vector indices, which Mosaic TPU cannot lower).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels._triton import HAS_TRITON, blocks_over_segments, compiler_params, dot_precision, is_pow2
 
-IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "pallas_tpu",
+                   "pallas_tpu_interpret", "xla")
+_TPU_IMPLEMENTATIONS = ("pallas_tpu", "pallas_tpu_interpret")
 
 _BLOCK_K = 256  # in_dim chunk of the shrink loop (at most)
 _TILE_BYTES = 32 * 1024  # A chunk [block_k, max_rank]: 256 x 64 bf16
@@ -83,7 +87,7 @@ def _resolve(implementation, in_dim, out_dim, max_rank):
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     shapes_ok = _triton_shapes_ok(in_dim, out_dim, max_rank)
     if implementation is not None:
-        if implementation.startswith("pallas") and not shapes_ok:
+        if implementation in ("pallas", "pallas_interpret") and not shapes_ok:
             raise ValueError(
                 "the Pallas kernels need a power-of-two max_rank >= 16 and in/out dims with a "
                 f"power-of-two divisor >= 16; got in={in_dim}, out={out_dim}, rank={max_rank}")
@@ -281,12 +285,13 @@ _STATIC = ("implementation", "block_tokens", "num_warps", "num_stages")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def bgmv(y, x, lora_a, lora_b, indices, scales, *, implementation=None, block_tokens=16,
+def bgmv(y, x, lora_a, lora_b, indices, scales, *, implementation=None, block_tokens=None,
          num_warps=4, num_stages=2):
     """Decode LoRA, one adapter index per token; semantics of `bgmv_reference`.
 
     The Pallas path sorts tokens by adapter and runs the grouped shrink/expand kernels on blocks
-    of `block_tokens` same-adapter tokens (see the module docstring).
+    of `block_tokens` same-adapter tokens (see the module docstring); default 16 on GPU and
+    `lora_tpu.BGMV_BLOCK_TOKENS` on TPU.
     """
     _check_shapes(y, x, lora_a, lora_b, scales)
     num_tokens, in_dim = x.shape
@@ -301,6 +306,14 @@ def bgmv(y, x, lora_a, lora_b, indices, scales, *, implementation=None, block_to
         return bgmv_reference(y, x, lora_a, lora_b, indices, scales)
     if impl == "xla":
         return _bgmv_xla(y, x, lora_a, lora_b, indices, scales)
+    if impl in _TPU_IMPLEMENTATIONS:
+        # Imported here: lora_tpu imports this module.
+        from pallas_kernels.lora_tpu import BGMV_BLOCK_TOKENS, bgmv_tpu
+
+        return bgmv_tpu(y, x, lora_a, lora_b, indices, scales,
+                        block_tokens=block_tokens or BGMV_BLOCK_TOKENS,
+                        interpret=impl == "pallas_tpu_interpret")
+    block_tokens = block_tokens or 16
     # Sort by adapter; -1 (and out-of-range ids) go to a last group that gets no blocks.
     key = jnp.where((indices >= 0) & (indices < num_adapters), indices, num_adapters)
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
@@ -318,11 +331,12 @@ def bgmv(y, x, lora_a, lora_b, indices, scales, *, implementation=None, block_to
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def sgmv(y, x, lora_a, lora_b, segment_starts, segment_adapters, scales, *, implementation=None,
-         block_tokens=32, num_warps=4, num_stages=2):
+         block_tokens=None, num_warps=4, num_stages=2):
     """Prefill LoRA over contiguous per-adapter segments; semantics of `sgmv_reference`.
 
     The Pallas path cuts every segment into blocks of `block_tokens` tokens (one adapter per
-    block) and runs the grouped shrink/expand kernels.
+    block) and runs the grouped shrink/expand kernels; default 32 on GPU and
+    `lora_tpu.SGMV_BLOCK_TOKENS` on TPU.
     """
     _check_shapes(y, x, lora_a, lora_b, scales)
     num_tokens, in_dim = x.shape
@@ -336,6 +350,14 @@ def sgmv(y, x, lora_a, lora_b, segment_starts, segment_adapters, scales, *, impl
         indices = _segment_token_indices(segment_starts, segment_adapters, num_tokens)
         fn = bgmv_reference if impl == "reference" else _bgmv_xla
         return fn(y, x, lora_a, lora_b, indices, scales)
+    if impl in _TPU_IMPLEMENTATIONS:
+        # Imported here: lora_tpu imports this module.
+        from pallas_kernels.lora_tpu import SGMV_BLOCK_TOKENS, sgmv_tpu
+
+        return sgmv_tpu(y, x, lora_a, lora_b, segment_starts, segment_adapters, scales,
+                        block_tokens=block_tokens or SGMV_BLOCK_TOKENS,
+                        interpret=impl == "pallas_tpu_interpret")
+    block_tokens = block_tokens or 32
     num_segments = segment_adapters.shape[0]
     # Tokens past starts[-1] belong to no segment; clamp so a bad indptr cannot read past x.
     starts = jnp.clip(segment_starts, 0, num_tokens)
