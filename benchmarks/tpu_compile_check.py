@@ -34,6 +34,7 @@ from jvila.models.kernel_attention import KernelAttention  # noqa: E402
 from jvila.models.kv_cache import KVCache  # noqa: E402
 from jvila.models.params import abstract_model  # noqa: E402
 from pallas_kernels.flash_attention_tpu import flash_attention_tpu  # noqa: E402
+from pallas_kernels.lora_tpu import bgmv_tpu, sgmv_tpu  # noqa: E402
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu  # noqa: E402
 from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu  # noqa: E402
 from pallas_kernels.tpu_aot import TOPOLOGIES, compile_for_tpu, tpu_devices, tpu_mesh  # noqa: E402
@@ -94,6 +95,20 @@ def _ragged_case(name, num_seqs, capacity, num_tokens, q_heads, kv_heads, head_d
                 _sds((num_seqs, pages_per_seq), jnp.int32), _sds((num_seqs,), jnp.int32),
                 _sds((num_seqs + 1,), jnp.int32))
         return ragged_paged_attention_tpu, args
+
+    return Case(name, build)
+
+
+def _lora_case(name, num_tokens, dim, max_rank, num_adapters, *, segments=None):
+    """BGMV over `num_tokens` (one adapter index each), or SGMV over `segments` segments."""
+
+    def build(mesh):
+        stacked = (_sds((num_tokens, dim)), _sds((num_tokens, dim)), _sds((num_adapters, dim, max_rank)),
+                   _sds((num_adapters, max_rank, dim)))
+        scales = _sds((num_adapters,), jnp.float32)
+        if segments is None:
+            return bgmv_tpu, (*stacked, _sds((num_tokens,), jnp.int32), scales)
+        return sgmv_tpu, (*stacked, _sds((segments + 1,), jnp.int32), _sds((segments,), jnp.int32), scales)
 
     return Case(name, build)
 
@@ -191,6 +206,8 @@ def kernel_cases(quick: bool) -> list[Case]:
             _flash_case("flash fwd+bwd segments b1 s256 h4/2 d128", 1, 256, 4, 2, 128, segments=True, grad=True),
             _paged_case("paged decode 2x512 h8/2 d128 p16", 2, 512, 8, 2, 128, 16),
             _ragged_case("ragged 2x512 cap, 300 tokens h8/2 d128 p16", 2, 512, 300, 8, 2, 128, 16),
+            _lora_case("bgmv 8 tokens 512->512 r16, 4 adapters", 8, 512, 16, 4),
+            _lora_case("sgmv 300 tokens 512->512 r16, 3 segments", 300, 512, 16, 4, segments=3),
         ]
     return [
         _flash_case("flash fwd causal b2 s2048 h8/2 d128", 2, 2048, 8, 2, 128),
@@ -202,6 +219,10 @@ def kernel_cases(quick: bool) -> list[Case]:
         _paged_case("paged decode 8x2048 h16/16 d128 p32", 8, 2048, 16, 16, 128, 32),
         _ragged_case("ragged 8x4096 cap, 8192 tokens h32/8 d128 p16", 8, 4096, 8192, 32, 8, 128, 16),
         _ragged_case("ragged 8x4096 cap, 8192 tokens h32/8 d128 p32", 8, 4096, 8192, 32, 8, 128, 32),
+        _lora_case("bgmv 1 token 4096->4096 r64, 100 adapters", 1, 4096, 64, 100),
+        _lora_case("bgmv 64 tokens 4096->4096 r16, 100 adapters", 64, 4096, 16, 100),
+        _lora_case("bgmv 1024 tokens 4096->4096 r64, 100 adapters", 1024, 4096, 64, 100),
+        _lora_case("sgmv 4096 tokens 4096->4096 r64, 8 segments", 4096, 4096, 64, 100, segments=8),
     ]
 
 
