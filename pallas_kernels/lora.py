@@ -26,8 +26,9 @@ the adapters per token + einsum, the usual baseline), "pallas" (Triton, GPU),
 kernel of `lora_tpu.py`: groups of contiguous rows, the adapter of each block read from SMEM by
 the index maps, any shapes), "pallas_tpu_interpret" (that kernel in the TPU interpreter; CPU
 tests), None = CPU -> reference, GPU -> pallas when the shapes fit Triton (power-of-two
-max_rank >= 16, in/out dims with a power-of-two divisor >= 16), else xla; TPU -> xla (the
-Triton kernels above gather rows with vector indices, which Mosaic TPU cannot lower).
+max_rank >= 16, in/out dims with a power-of-two divisor >= 16), else xla; TPU -> pallas_tpu
+(the Triton kernels above gather rows with vector indices, which Mosaic TPU cannot lower; the
+TPU kernel is compiled by libtpu in `benchmarks/tpu_compile_check.py`, not yet timed on a chip).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _triton_shapes_ok(in_dim, out_dim, max_rank):
             and _pow2_divisor(out_dim, _BLOCK_N) >= 16)
 
 
-def _resolve(implementation, in_dim, out_dim, max_rank):
+def _resolve(implementation, in_dim, out_dim, max_rank, backend=None):
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     shapes_ok = _triton_shapes_ok(in_dim, out_dim, max_rank)
@@ -92,11 +93,13 @@ def _resolve(implementation, in_dim, out_dim, max_rank):
                 "the Pallas kernels need a power-of-two max_rank >= 16 and in/out dims with a "
                 f"power-of-two divisor >= 16; got in={in_dim}, out={out_dim}, rank={max_rank}")
         return implementation
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     if backend == "cpu":
         return "reference"
     if backend == "gpu" and HAS_TRITON and shapes_ok:
         return "pallas"
+    if backend == "tpu":
+        return "pallas_tpu"
     return "xla"
 
 

@@ -15,13 +15,15 @@ Implementations (`implementation=`):
   "xla"               gather the pages, then einsum in the cache dtype with fp32 accumulation.
   "pallas"            Pallas kernels lowered through Triton (GPU).
   "pallas_interpret"  the same kernels run by the Pallas interpreter (any backend; CPU tests).
-  "pallas_tpu"        opt-in: the Mosaic TPU kernels of `paged_attention_tpu.py` (decode) and
+  "pallas_tpu"        the Mosaic TPU kernels of `paged_attention_tpu.py` (decode) and
                       `ragged_paged_attention_tpu.py` (ragged), whose page ids come from SMEM
-                      and address per-page DMAs; "pallas_tpu_interpret" runs them under the TPU
-                      interpreter.
+                      and address per-page DMAs (the kernels below gather pages with vector
+                      indices, which Mosaic TPU cannot lower); "pallas_tpu_interpret" runs them
+                      under the TPU interpreter.
   None                CPU -> reference, GPU -> pallas where the shapes fit the Triton
-                      constraints (else xla), TPU -> xla (the kernels below gather pages with
-                      vector indices, which Mosaic TPU cannot lower).
+                      constraints (else xla), TPU -> pallas_tpu (compiled by libtpu for
+                      v4/v5e/v5p/v6e in `benchmarks/tpu_compile_check.py`; not yet timed on a
+                      chip).
 
 Triton constraints shape the kernels: every loaded tile has a power-of-two size and dots need
 each dimension >= 16. So GQA groups are padded to 16 query rows (decode), page ids are gathered
@@ -43,9 +45,8 @@ from pallas_kernels._triton import HAS_TRITON, blocks_over_segments, cdiv, compi
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu
 from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
 
-IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla")
-# Mosaic TPU kernels (decode and ragged), never picked by `implementation=None`.
 TPU_IMPLEMENTATIONS = ("pallas_tpu", "pallas_tpu_interpret")
+IMPLEMENTATIONS = (None, "reference", "pallas", "pallas_interpret", "xla", *TPU_IMPLEMENTATIONS)
 
 # Finite stand-in for -inf: rows with no visible key keep m at this value, and exp(0)=1 there
 # is harmless because the probabilities themselves are zeroed by the mask, never by exp.
@@ -82,21 +83,23 @@ def _triton_shapes_ok(page_size, head_dim):
     return is_pow2(page_size) and is_pow2(head_dim) and head_dim >= 16
 
 
-def _resolve(implementation, page_size, head_dim):
+def _resolve(implementation, page_size, head_dim, backend=None):
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation is not None:
-        if implementation.startswith("pallas") and not _triton_shapes_ok(page_size, head_dim):
+        if implementation in ("pallas", "pallas_interpret") and not _triton_shapes_ok(page_size, head_dim):
             raise ValueError(
                 f"the Pallas kernels need power-of-two page_size and head_dim >= 16, "
                 f"got page_size={page_size}, head_dim={head_dim}"
             )
         return implementation
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     if backend == "cpu":
         return "reference"
     if backend == "gpu" and HAS_TRITON and _triton_shapes_ok(page_size, head_dim):
         return "pallas"
+    if backend == "tpu":
+        return "pallas_tpu"
     return "xla"
 
 
@@ -314,13 +317,12 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, sm_scale=None,
     _check_cache(q_heads, head_dim, k_pages, v_pages)
     if page_table.shape[0] != num_seqs or lengths.shape != (num_seqs,):
         raise ValueError("page_table and lengths must have one row per query")
-    if implementation in TPU_IMPLEMENTATIONS:
-        return paged_attention_tpu(q, k_pages, v_pages, page_table, lengths,
-                                   sm_scale=_default_scale(sm_scale, head_dim),
-                                   pages_per_block=pages_per_block,
-                                   interpret=implementation == "pallas_tpu_interpret")
     impl = _resolve(implementation, k_pages.shape[1], head_dim)
     scale = _default_scale(sm_scale, head_dim)
+    if impl in TPU_IMPLEMENTATIONS:
+        return paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, sm_scale=scale,
+                                   pages_per_block=pages_per_block,
+                                   interpret=impl == "pallas_tpu_interpret")
     if impl == "reference":
         return paged_attention_reference(q, k_pages, v_pages, page_table, lengths, sm_scale=scale)
     if impl == "xla":
@@ -546,13 +548,13 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lengths, cu_q_len
     num_seqs = kv_lengths.shape[0]
     if page_table.shape[0] != num_seqs or cu_q_lens.shape != (num_seqs + 1,):
         raise ValueError("page_table needs num_seqs rows and cu_q_lens num_seqs + 1 entries")
-    if implementation in TPU_IMPLEMENTATIONS:
-        return ragged_paged_attention_tpu(q, k_pages, v_pages, page_table, kv_lengths, cu_q_lens,
-                                          sm_scale=_default_scale(sm_scale, head_dim),
-                                          block_q=block_q, pages_per_block=pages_per_block,
-                                          interpret=implementation == "pallas_tpu_interpret")
     impl = _resolve(implementation, k_pages.shape[1], head_dim)
     scale = _default_scale(sm_scale, head_dim)
+    if impl in TPU_IMPLEMENTATIONS:
+        return ragged_paged_attention_tpu(q, k_pages, v_pages, page_table, kv_lengths, cu_q_lens,
+                                          sm_scale=scale, block_q=block_q,
+                                          pages_per_block=pages_per_block,
+                                          interpret=impl == "pallas_tpu_interpret")
     if num_tokens == 0:
         return q
     cu_q_lens = cu_q_lens.astype(jnp.int32)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lora import bgmv, bgmv_reference, sgmv, sgmv_reference
+from pallas_kernels.lora import _resolve, bgmv, bgmv_reference, sgmv, sgmv_reference
 
 # fp32: same fp32 math, different summation order (chunked in_dim, split reductions).
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
@@ -201,6 +201,13 @@ def test_dispatch_on_cpu_uses_reference_and_validates():
              block_tokens=8)
     with pytest.raises(ValueError, match="lora_b"):
         bgmv(y, x, a16, b16[:, :, :16], indices, scales16)
+
+
+def test_dispatch_by_backend():
+    assert _resolve(None, 4096, 4096, 64, backend="cpu") == "reference"
+    # TPU: the Mosaic kernel for any shape (rank 8, odd dims), never the per-token gather.
+    assert _resolve(None, 4096, 4096, 64, backend="tpu") == "pallas_tpu"
+    assert _resolve(None, 96, 40, 8, backend="tpu") == "pallas_tpu"
 
 
 @pytest.mark.parametrize("tokens", [1, 64])  # 1 token: one block, in_dim split over programs

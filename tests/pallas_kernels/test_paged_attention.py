@@ -15,6 +15,7 @@ import pytest
 from paged_cache import poisoned_cache
 
 from pallas_kernels.paged_attention import (
+    _resolve,
     paged_attention,
     paged_attention_reference,
     ragged_paged_attention,
@@ -206,6 +207,14 @@ def test_dispatch_on_cpu_uses_reference_and_validates():
     k6, v6, table6, lengths6 = poisoned_cache(rng, [3, 9], 6, 2, 1, 16, jnp.float32)
     with pytest.raises(ValueError, match="power-of-two"):  # page size 6 cannot tile for Triton
         paged_attention(q, k6, v6, table6, lengths6, implementation="pallas_interpret")
+
+
+def test_dispatch_by_backend():
+    assert _resolve(None, 16, 128, backend="cpu") == "reference"
+    # TPU: the Mosaic kernels, whatever the page size (they need no power-of-two tiles).
+    assert _resolve(None, 16, 128, backend="tpu") == "pallas_tpu"
+    assert _resolve(None, 6, 96, backend="tpu") == "pallas_tpu"
+    assert _resolve("pallas_tpu_interpret", 6, 96) == "pallas_tpu_interpret"
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
