@@ -16,8 +16,9 @@ Conventions shared by every implementation here:
 * A row with no visible key (fully masked) has output 0 and ``lse = -inf``;
   ``merge_attention_partials`` treats such a partial as empty.
 
-The Pallas kernels use the Triton lowering on GPU (explicit Triton compiler
-params); on CPU the very same kernel bodies run with ``interpret=True``.
+The Pallas kernels here use the Triton lowering on GPU (explicit Triton compiler
+params); on CPU the very same kernel bodies run with ``interpret=True``. The
+Mosaic TPU kernels live in ``flash_attention_tpu.py``.
 Gradients flow into q, k, v from the cotangents of both ``out`` and ``lse``
 (the lse cotangent is folded into the softmax-gradient row term), so merged
 ring partials differentiate exactly.
@@ -724,8 +725,10 @@ def choose_implementation(
     GPU: cuDNN flash attention when it applies (bf16/fp16, head_dim <= 128 and a
     multiple of 8, no segment ids, no lse wanted, no offset between q and k, and
     square when causal) -- it is the fastest measured JAX path on H100/H200;
-    otherwise the Pallas kernel. TPU and elsewhere: the reference, because the
-    kernel is written for the Triton lowering and has not been built for Mosaic TPU.
+    otherwise the Pallas kernel. TPU: the Mosaic TPU kernel (``flash_attention_tpu``;
+    compiled by libtpu for v4/v5e/v5p/v6e in ``benchmarks/tpu_compile_check.py``, not yet
+    timed on a chip), since the alternative materialises every score matrix.
+    Elsewhere: the reference.
     """
     platform = platform or jax.default_backend()
     if platform == "gpu":
@@ -735,6 +738,8 @@ def choose_implementation(
         ):
             return "cudnn"
         return "pallas"
+    if platform == "tpu":
+        return "pallas_tpu"
     return "reference"
 
 
@@ -760,8 +765,8 @@ def flash_attention_with_lse(
     """Attention returning ``(out, lse)``; see ``flash_attention`` for dispatch.
 
     Only implementations that produce lse apply: reference, pallas,
-    pallas_interpret, pallas_tpu, pallas_tpu_interpret (auto picks reference
-    on CPU, pallas elsewhere; the TPU kernel is explicit opt-in only).
+    pallas_interpret, pallas_tpu, pallas_tpu_interpret (auto: reference on CPU,
+    pallas on GPU, pallas_tpu on TPU).
     """
     if implementation is None:
         implementation = choose_implementation(
@@ -818,7 +823,7 @@ def flash_attention(
 
     ``implementation``: None (auto, see ``choose_implementation``), "reference",
     "pallas", "pallas_interpret", "pallas_tpu" / "pallas_tpu_interpret" (the
-    Mosaic TPU kernel, explicit opt-in; ``pallas_options`` are its block_q and
+    Mosaic TPU kernel; ``pallas_options`` are its block_q and
     block_k), "cudnn" or "xla" (the last two go through
     ``jax.nn.dot_product_attention`` and support neither segment ids nor
     offsets). When auto picks cuDNN and cuDNN rejects the call at trace time

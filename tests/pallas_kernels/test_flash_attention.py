@@ -303,7 +303,7 @@ def test_dispatch_rules_and_implementations_agree():
     assert choose_implementation(q16, q16, platform="gpu", need_lse=True) == "pallas"
     assert choose_implementation(q16, q16, platform="gpu", has_segments=True) == "pallas"
     assert choose_implementation(q16, q16, platform="gpu", q_offset=jnp.int32(3)) == "pallas"
-    assert choose_implementation(q16, q16, platform="tpu") == "reference"
+    assert choose_implementation(q16, q16, platform="tpu") == "pallas_tpu"
     if jax.default_backend() == "cpu":
         assert choose_implementation(q16, q16) == "reference"
 
