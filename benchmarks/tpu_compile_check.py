@@ -14,6 +14,7 @@ Prints one table: case, generation, result, compile seconds. Exits 1 if anything
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import traceback
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from jvila.config import LLMConfig  # noqa: E402
 from jvila.models import functional  # noqa: E402
@@ -37,6 +38,7 @@ from pallas_kernels.flash_attention_tpu import flash_attention_tpu  # noqa: E402
 from pallas_kernels.lora_tpu import bgmv_tpu, sgmv_tpu  # noqa: E402
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu  # noqa: E402
 from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu  # noqa: E402
+from pallas_kernels.ring_attention_tpu import ring_attention_tpu  # noqa: E402
 from pallas_kernels.tpu_aot import TOPOLOGIES, compile_for_tpu, tpu_devices, tpu_mesh  # noqa: E402
 from sharding.rules import logical_to_spec, make_mesh  # noqa: E402
 
@@ -113,6 +115,21 @@ def _lora_case(name, num_tokens, dim, max_rank, num_adapters, *, segments=None):
     return Case(name, build)
 
 
+def _ring_case(name, batch, length, q_heads, kv_heads, head_dim, ring, *, causal=True):
+    """The fused ring kernel under shard_map: each of `ring` chips holds length / ring tokens."""
+
+    def build(mesh):
+        spec = PartitionSpec(None, "sequence", None, None)
+        q = _sharded(mesh, (batch, length, q_heads, head_dim), BF16, (None, "sequence", None, None))
+        kv = _sharded(mesh, (batch, length, kv_heads, head_dim), BF16, (None, "sequence", None, None))
+        attend = jax.shard_map(
+            lambda q, k, v: ring_attention_tpu(q, k, v, axis_name="sequence", causal=causal),
+            mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, PartitionSpec(None, None, "sequence")))
+        return attend, (q, kv, kv)
+
+    return Case(name, build, dict(fsdp=1, sequence=ring))
+
+
 def _sharded(mesh, shape, dtype, names):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, logical_to_spec(names, shape, mesh)))
 
@@ -174,8 +191,9 @@ def _model_cache_case(name, cfg, batch, context, page_size, chunk, mesh_axes):
 # Two layers of a 1B-class decoder: every kind of layer, in a fraction of the compile time.
 MODEL_1B = LLMConfig(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_layers=2, num_heads=32,
                      num_kv_heads=8, head_dim=64)
-MODEL_TINY = LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
-                       num_kv_heads=2, head_dim=128)
+# head_dim 64, as in SmolLM2 and Llama 3.2 1B: paged kernels pack kv heads in pairs.
+MODEL_TINY = LLMConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=8,
+                       num_kv_heads=4, head_dim=64)
 
 
 def model_cases(quick: bool) -> list[Case]:
@@ -208,6 +226,7 @@ def kernel_cases(quick: bool) -> list[Case]:
             _ragged_case("ragged 2x512 cap, 300 tokens h8/2 d128 p16", 2, 512, 300, 8, 2, 128, 16),
             _lora_case("bgmv 8 tokens 512->512 r16, 4 adapters", 8, 512, 16, 4),
             _lora_case("sgmv 300 tokens 512->512 r16, 3 segments", 300, 512, 16, 4, segments=3),
+            _ring_case("ring 4 chips x 256 tokens h4/2 d128", 1, 1024, 4, 2, 128, 4),
         ]
     return [
         _flash_case("flash fwd causal b2 s2048 h8/2 d128", 2, 2048, 8, 2, 128),
@@ -217,12 +236,17 @@ def kernel_cases(quick: bool) -> list[Case]:
         _flash_case("flash fwd+bwd segments b2 s2048 h8/8 d64", 2, 2048, 8, 8, 64, segments=True, grad=True),
         _paged_case("paged decode 32x4096 h32/8 d128 p16", 32, 4096, 32, 8, 128, 16),
         _paged_case("paged decode 8x2048 h16/16 d128 p32", 8, 2048, 16, 16, 128, 32),
+        _paged_case("paged decode 32x4096 h32/8 d64 p16", 32, 4096, 32, 8, 64, 16),
+        _paged_case("paged decode 8x2048 h9/3 d64 p16 (SmolLM2 heads)", 8, 2048, 9, 3, 64, 16),
         _ragged_case("ragged 8x4096 cap, 8192 tokens h32/8 d128 p16", 8, 4096, 8192, 32, 8, 128, 16),
         _ragged_case("ragged 8x4096 cap, 8192 tokens h32/8 d128 p32", 8, 4096, 8192, 32, 8, 128, 32),
+        _ragged_case("ragged 8x4096 cap, 8192 tokens h32/8 d64 p16", 8, 4096, 8192, 32, 8, 64, 16),
         _lora_case("bgmv 1 token 4096->4096 r64, 100 adapters", 1, 4096, 64, 100),
         _lora_case("bgmv 64 tokens 4096->4096 r16, 100 adapters", 64, 4096, 16, 100),
         _lora_case("bgmv 1024 tokens 4096->4096 r64, 100 adapters", 1024, 4096, 64, 100),
         _lora_case("sgmv 4096 tokens 4096->4096 r64, 8 segments", 4096, 4096, 64, 100, segments=8),
+        _ring_case("ring 4 chips x 4096 tokens h32/8 d128 causal", 1, 16384, 32, 8, 128, 4),
+        _ring_case("ring 4 chips x 4096 tokens h8/8 d128 full", 1, 16384, 8, 8, 128, 4, causal=False),
     ]
 
 
@@ -235,7 +259,8 @@ def run(cases: list[Case], generations: list[str]) -> list[tuple[str, str, str, 
                 if case.mesh_axes is None:
                     mesh = tpu_mesh(generation)
                 else:
-                    mesh = make_mesh(**case.mesh_axes, devices=tpu_devices(generation))
+                    chips = math.prod(case.mesh_axes.values())
+                    mesh = make_mesh(**case.mesh_axes, devices=tpu_devices(generation)[:chips])
                 fn, args = case.build(mesh)
                 compile_for_tpu(fn, *args, mesh=mesh)
                 result = "ok"

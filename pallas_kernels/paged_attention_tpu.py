@@ -44,6 +44,46 @@ def interpret_params():
     return pltpu.InterpretParams(**{k: v for k, v in wanted.items() if k in known})
 
 
+# HBM arrays are tiled (8, 128): a DMA may cut a page row only at multiples of 128 lanes.
+_LANES = 128
+
+
+def heads_per_window(kv_heads, head_dim):
+    """How many kv heads one program takes: the fewest whose columns of a page row form a
+    DMA-legal window (a multiple of 128 lanes), else all of them (the whole row is legal)."""
+    for packing in range(1, kv_heads + 1):
+        if kv_heads % packing == 0 and (packing * head_dim) % _LANES == 0:
+            return packing
+    return kv_heads
+
+
+def pack_heads(x, packing):
+    """[..., kv_heads, rows, d] -> block-diagonal [..., kv_heads / P, P * rows, P * d].
+
+    Row block p of a window holds the queries of its p-th kv head in column block p and zeros
+    elsewhere, so against the window's packed K columns each row scores only its own head: the
+    kernels run unchanged with head_dim P * d, at P times the MXU work (decode is
+    bandwidth-bound; for head_dim 64, P = 2)."""
+    if packing == 1:
+        return x
+    *lead, kv_heads, rows, head_dim = x.shape
+    x = x.reshape(*lead, kv_heads // packing, packing, rows, 1, head_dim)
+    diagonal = jnp.eye(packing, dtype=bool)[:, None, :, None]  # [P, 1, P, 1]
+    x = jnp.where(diagonal, x, jnp.zeros((), x.dtype))  # where, not *: 0 * NaN padding is NaN
+    return x.reshape(*lead, kv_heads // packing, packing * rows, packing * head_dim)
+
+
+def unpack_heads(x, packing):
+    """Inverse of `pack_heads` on the outputs: keep each row block's own column block."""
+    if packing == 1:
+        return x
+    *lead, windows, packed_rows, packed_dim = x.shape
+    x = x.reshape(*lead, windows, packing, packed_rows // packing, packing, packed_dim // packing)
+    x = jnp.diagonal(x, axis1=-4, axis2=-2)  # [..., windows, rows, d, P]
+    return jnp.moveaxis(x, -1, -3).reshape(*lead, windows * packing, packed_rows // packing,
+                                           packed_dim // packing)
+
+
 def _when(condition, actions):
     """Runs the side-effecting `actions` (DMA starts or waits) only where `condition` holds."""
     @pl.when(condition)
@@ -189,10 +229,12 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, sm_scale=No
     # 2-D SMEM arrays are padded to 128-word rows; a flat table wastes nothing.
     table = page_table.astype(jnp.int32).reshape(-1)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, pages_per_seq * page_size)
-    qg = q.reshape(num_seqs, kv_heads, group, head_dim)
     # Free reshapes (trailing dims are contiguous): a kv head becomes a column window.
     k_flat = k_pages.reshape(num_pages, page_size, kv_heads * head_dim)
     v_flat = v_pages.reshape(num_pages, page_size, kv_heads * head_dim)
+    packing = heads_per_window(kv_heads, head_dim)
+    qg = pack_heads(q.reshape(num_seqs, kv_heads, group, head_dim), packing)
+    kv_heads, group, head_dim = kv_heads // packing, group * packing, head_dim * packing
 
     kernel = functools.partial(_decode_kernel, sm_scale=scale, page_size=page_size,
                                pages_per_block=pages_per_block, pages_per_seq=pages_per_seq,
@@ -217,4 +259,4 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, sm_scale=No
         interpret=interpret_params() if interpret else False,
         name="paged_decode_attention_tpu",
     )(table, lengths, qg, k_flat, v_flat)
-    return out.reshape(q.shape)
+    return unpack_heads(out, packing).reshape(q.shape)

@@ -42,7 +42,10 @@ from pallas_kernels.paged_attention_tpu import (
     _DEFAULT_TOKENS_PER_BLOCK,
     _MASK_VALUE,
     PageDMAs,
+    heads_per_window,
     interpret_params,
+    pack_heads,
+    unpack_heads,
 )
 
 # Rows (query heads x tokens) of a q tile by default: 512 x d128 keeps the MXU fed on prefill,
@@ -212,13 +215,16 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, page_table, kv_lengths, cu_q
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     sched = _schedule(cu_q_lens, kv_lengths.astype(jnp.int32), num_tokens, block_q,
                       pages_per_seq * page_size)
-    tiles = _gather_tiles(q, sched, block_q, kv_heads)
+    # Row p * group * block_q + r of a packed tile is row r of head p: still token r % block_q.
+    packing = heads_per_window(kv_heads, head_dim)
+    tiles = pack_heads(_gather_tiles(q, sched, block_q, kv_heads), packing)
     num_blocks = tiles.shape[0]
     # 2-D SMEM arrays are padded to 128-word rows; a flat table wastes nothing.
     table = page_table.astype(jnp.int32).reshape(-1)
     # Free reshapes (trailing dims are contiguous): a kv head becomes a column window.
     k_flat = k_pages.reshape(num_pages, page_size, kv_heads * head_dim)
     v_flat = v_pages.reshape(num_pages, page_size, kv_heads * head_dim)
+    kv_heads, group, head_dim = kv_heads // packing, group * packing, head_dim * packing
 
     kernel = functools.partial(_ragged_kernel, sm_scale=scale, block_q=block_q,
                                page_size=page_size, pages_per_block=pages_per_block,
@@ -244,4 +250,4 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, page_table, kv_lengths, cu_q
         name="ragged_paged_attention_tpu",
     )(table, sched["seq"], sched["rows"], sched["first_pos"], sched["key_end"],
       tiles, k_flat, v_flat)
-    return _scatter_tiles(out, sched, cu_q_lens, block_q, q.shape)
+    return _scatter_tiles(unpack_heads(out, packing), sched, cu_q_lens, block_q, q.shape)

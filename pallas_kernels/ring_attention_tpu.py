@@ -115,6 +115,8 @@ class _Config:
 
     axis_name: str
     ring_size: int
+    mesh_rank: int  # axes of the enclosing shard_map mesh
+    ring_dim: int  # position of axis_name among them
     causal: bool
     sm_scale: float
     seq_len: int  # per shard, unpadded; keys at or past it are padding
@@ -296,7 +298,7 @@ def _finalize(batch, kv_head, refs: _Refs, cfg: _Config):
 
 
 def _ring_kernel(
-    index_ref,
+    coords_ref,
     q_hbm,
     k_hbm,
     v_hbm,
@@ -342,10 +344,18 @@ def _ring_kernel(
         kv_head == pl.num_programs(1) - 1
     )
     n = cfg.ring_size
-    me = index_ref[0]
+    # Neighbours are named by full mesh coordinates read from SMEM: a dict naming only the
+    # ring axis makes Pallas fill in the other axes with in-kernel axis_index calls, which
+    # Mosaic cannot lower under shard_map's varying-axes checks on a multi-axis mesh.
+    coords = [coords_ref[i] for i in range(cfg.mesh_rank)]
+    me = coords[cfg.ring_dim]
+
+    def along_ring(position):
+        return tuple(position if i == cfg.ring_dim else c for i, c in enumerate(coords))
+
     # lax.rem, not %: operands are >= 0, and floor-mod lowers to a sign fix-up.
-    right = {cfg.axis_name: lax.rem(me + 1, n)}
-    left = {cfg.axis_name: lax.rem(me + n - 1, n)}
+    right = along_ring(lax.rem(me + 1, n))
+    left = along_ring(lax.rem(me + n - 1, n))
     mesh_ids = _DeviceIdType.MESH
 
     # This program's own K/V block goes into slot 0 (a local DMA from HBM).
@@ -518,7 +528,13 @@ def _forward(q, k, v, cfg: _Config):
         ),
         interpret=cfg.interpret,
         name="ring_attention_tpu",
-    )(jnp.reshape(lax.axis_index(cfg.axis_name), (1,)).astype(jnp.int32), q, k, v)
+    )(_mesh_coords(), q, k, v)
+
+
+def _mesh_coords():
+    """This device's coordinate along every axis of the enclosing shard_map mesh, int32."""
+    axes = jax.sharding.get_abstract_mesh().axis_names
+    return jnp.stack([lax.axis_index(axis) for axis in axes]).astype(jnp.int32)
 
 
 def _pad_axis(x, axis, length):
@@ -635,9 +651,14 @@ def ring_attention_tpu(
         )
     if interpret is True:
         interpret = interpret_params()
+    mesh_axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
+    if axis_name not in mesh_axes:
+        raise ValueError(f"axis_name {axis_name!r} is not an axis of the enclosing shard_map mesh {mesh_axes}")
     cfg = _Config(
         axis_name=axis_name,
         ring_size=lax.axis_size(axis_name),
+        mesh_rank=len(mesh_axes),
+        ring_dim=mesh_axes.index(axis_name),
         causal=bool(causal),
         sm_scale=1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale),
         seq_len=seq_len,

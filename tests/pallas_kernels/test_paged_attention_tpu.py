@@ -75,6 +75,18 @@ def test_matches_reference_bf16(kv_heads, group):
     _check(q, k, v, table, lens, BF16_TOL, pages_per_block=2)
 
 
+# head_dim 64: a kv head is half a 128-lane tile, which a DMA cannot cut out of a page row, so
+# heads go in pairs (4 kv heads -> 2 windows) or, when no pairing divides them, all together
+# (3 kv heads -> one 192-lane window), with block-diagonal queries.
+@pytest.mark.parametrize("kv_heads,group", [(4, 2), (3, 1)])
+def test_head_dim_below_the_lane_width(kv_heads, group):
+    rng = _rng()
+    lengths = [21, 0, 40]
+    k, v, table, lens = poisoned_cache(rng, lengths, 8, 5, kv_heads, 64, jnp.float32)
+    q = jnp.asarray(rng.standard_normal((len(lengths), kv_heads * group, 64)), jnp.float32)
+    _check(q, k, v, table, lens, FP32_TOL, pages_per_block=2)
+
+
 def test_default_block_and_scale_and_overlong_length():
     # Default pages_per_block covers the whole table in one block; a length beyond the table is
     # clipped to it, as the reference does; a custom scale must reach the logits.

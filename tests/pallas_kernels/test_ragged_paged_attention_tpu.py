@@ -46,11 +46,11 @@ def _rng():
     return np.random.default_rng(next(_seed))
 
 
-def _inputs(rng, mix, page_size, pages_per_seq, kv_heads, group, dtype):
+def _inputs(rng, mix, page_size, pages_per_seq, kv_heads, group, dtype, head_dim=HEAD_DIM):
     k, v, table, kv_lengths = poisoned_cache(rng, [kv for kv, _ in mix], page_size,
-                                             pages_per_seq, kv_heads, HEAD_DIM, dtype)
+                                             pages_per_seq, kv_heads, head_dim, dtype)
     cu = np.concatenate([[0], np.cumsum([q_len for _, q_len in mix])]).astype(np.int32)
-    q = rng.standard_normal((cu[-1] + PAD_ROWS, kv_heads * group, HEAD_DIM)).astype(np.float32)
+    q = rng.standard_normal((cu[-1] + PAD_ROWS, kv_heads * group, head_dim)).astype(np.float32)
     q[cu[-1]:] = np.nan  # padding rows must not matter
     return jnp.asarray(q, dtype), k, v, table, kv_lengths, jnp.asarray(cu)
 
@@ -74,6 +74,14 @@ def _check(args, tol, **kwargs):
 @pytest.mark.parametrize("kv_heads,group", [(2, 1), (1, 4)])
 def test_matches_reference_fp32(kv_heads, group):
     args = _inputs(_rng(), MIX, 8, 6, kv_heads, group, jnp.float32)
+    _check(args, FP32_TOL, block_q=8, pages_per_block=2)
+
+
+# head_dim 64: kv heads packed two (or all three) to a 128-lane-legal window, queries
+# block-diagonal; the packed rows must keep their token order for the causal mask.
+@pytest.mark.parametrize("kv_heads,group", [(4, 2), (3, 1)])
+def test_head_dim_below_the_lane_width(kv_heads, group):
+    args = _inputs(_rng(), MIX, 8, 6, kv_heads, group, jnp.float32, head_dim=64)
     _check(args, FP32_TOL, block_q=8, pages_per_block=2)
 
 
