@@ -223,6 +223,7 @@ def kernel_cases(quick: bool) -> list[Case]:
             _flash_case("flash fwd causal b1 s256 h4/2 d128", 1, 256, 4, 2, 128),
             _flash_case("flash fwd+bwd segments b1 s256 h4/2 d128", 1, 256, 4, 2, 128, segments=True, grad=True),
             _paged_case("paged decode 2x512 h8/2 d128 p16", 2, 512, 8, 2, 128, 16),
+            _paged_case("paged decode 2x512 h9/3 d64 p16 (SmolLM2 heads)", 2, 512, 9, 3, 64, 16),
             _ragged_case("ragged 2x512 cap, 300 tokens h8/2 d128 p16", 2, 512, 300, 8, 2, 128, 16),
             _lora_case("bgmv 8 tokens 512->512 r16, 4 adapters", 8, 512, 16, 4),
             _lora_case("sgmv 300 tokens 512->512 r16, 3 segments", 300, 512, 16, 4, segments=3),

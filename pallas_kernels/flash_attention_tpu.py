@@ -58,30 +58,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic_tpu import (
+    LANES,
+    SQUEEZED,
+    SUBLANES,
+    CompilerParams,
+    interpret_params,
+    pad_axis,
+    round_up,
+)
 from pallas_kernels.flash_attention import _check_shapes, _resolve_segment_ids
 
-# m and l are kept replicated across one vreg's 128 lanes: a [rows, 1] array
-# would occupy a whole vreg column per row anyway, and full-width tiles avoid
-# Mosaic's narrow-layout relayouts.
-_LANES = 128
+# m and l are kept replicated across one vreg's 128 lanes (LANES): a [rows, 1]
+# array would occupy a whole vreg column per row anyway, and full-width tiles
+# avoid Mosaic's narrow-layout relayouts. Block rows must be whole sublane tiles.
 _DEFAULT_BLOCK = 128
-# Block rows must be whole sublane tiles (8 rows of 32-bit values).
-_SUBLANES = 8
-
-# A squeezed block dim is ``pl.squeezed`` on newer jax and ``None`` on older.
-_SQUEEZED = getattr(pl, "squeezed", None)
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
-
-
-def _interpret_params():
-    """TPU interpreter settings that make forgotten writes and bad reads loud.
-
-    Uninitialised buffers (scratch included) start as NaN and out-of-bounds
-    reads raise. Options this jax lacks are left out.
-    """
-    wanted = {"uninitialized_memory": "nan", "out_of_bounds_reads": "raise"}
-    fields = {f.name for f in dataclasses.fields(pltpu.InterpretParams)}
-    return pltpu.InterpretParams(**{k: v for k, v in wanted.items() if k in fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,10 +313,6 @@ def _dkv_kernel(*refs, cfg: _Config):
         dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
-def _round_up(x, multiple):
-    return -(-x // multiple) * multiple
-
-
 def _call(kernel, cfg, grid, in_specs, operands, out_specs, out_shape, scratch, shift):
     """A scalar-prefetch (the shift) pallas_call whose first three grid axes are
     "parallel" and whose trailing axes are the "arbitrary" accumulation sweep."""
@@ -341,8 +328,9 @@ def _call(kernel, cfg, grid, in_specs, operands, out_specs, out_shape, scratch, 
         functools.partial(kernel, cfg=cfg),
         grid_spec=grid_spec,
         out_shape=out_shape,
-        compiler_params=_CompilerParams(dimension_semantics=semantics),
-        interpret=_interpret_params() if cfg.interpret else False,
+        compiler_params=CompilerParams(dimension_semantics=semantics),
+        # Pipelined blocks only, no manual DMAs: nothing for the race detector to see.
+        interpret=interpret_params(detect_races=False) if cfg.interpret else False,
     )(jnp.reshape(shift, (1,)), *operands)
 
 
@@ -358,7 +346,7 @@ def _q_major_specs(cfg, head_dim):
     Returns (q-tile spec, kv-tile spec, q-column spec for per-row scalars,
     segment specs).
     """
-    S = _SQUEEZED
+    S = SQUEEZED
 
     def q_map(b, h, i, j, shift_ref):
         return b, h, i, 0
@@ -410,8 +398,8 @@ def _forward(q, k, v, q_seg, kv_seg, shift, cfg: _Config):
             jax.ShapeDtypeStruct((batch, q_heads, padded_q_len, 1), jnp.float32),
         ],
         [
-            pltpu.VMEM((cfg.block_q, _LANES), jnp.float32),  # running max m
-            pltpu.VMEM((cfg.block_q, _LANES), jnp.float32),  # running sum l
+            pltpu.VMEM((cfg.block_q, LANES), jnp.float32),  # running max m
+            pltpu.VMEM((cfg.block_q, LANES), jnp.float32),  # running sum l
             pltpu.VMEM((cfg.block_q, head_dim), jnp.float32),  # output accumulator
         ],
         shift,
@@ -423,7 +411,7 @@ def _backward_dq(q, k, v, d_out, lse, delta, q_seg, kv_seg, shift, cfg: _Config)
     grid = _q_major_grid(q, cfg)
     q_spec, kv_spec, _, segment_specs = _q_major_specs(cfg, q.shape[-1])
     row_spec = pl.BlockSpec(
-        (_SQUEEZED, _SQUEEZED, 1, cfg.block_q), lambda b, h, i, j, s: (b, h, 0, i)
+        (SQUEEZED, SQUEEZED, 1, cfg.block_q), lambda b, h, i, j, s: (b, h, 0, i)
     )
     return _call(
         _dq_kernel,
@@ -443,8 +431,8 @@ def _backward_dq(q, k, v, d_out, lse, delta, q_seg, kv_seg, shift, cfg: _Config)
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         [
             pltpu.VMEM((cfg.block_q, q.shape[-1]), jnp.float32),  # dQ accumulator
-            pltpu.VMEM((cfg.block_q, _LANES), jnp.float32),  # lse as a column
-            pltpu.VMEM((cfg.block_q, _LANES), jnp.float32),  # delta as a column
+            pltpu.VMEM((cfg.block_q, LANES), jnp.float32),  # lse as a column
+            pltpu.VMEM((cfg.block_q, LANES), jnp.float32),  # delta as a column
         ],
         shift,
     )
@@ -456,7 +444,7 @@ def _backward_dkv(q, k, v, d_out, lse, delta, q_seg, kv_seg, shift, cfg: _Config
     kv_heads = k.shape[1]
     num_q_blocks = padded_q_len // cfg.block_q
     grid = (batch, kv_heads, cfg.padded_kv_len // cfg.block_k, cfg.group, num_q_blocks)
-    S = _SQUEEZED
+    S = SQUEEZED
 
     def q_block_of(j, i, shift_ref):
         if cfg.causal:
@@ -515,24 +503,16 @@ def _backward_dkv(q, k, v, d_out, lse, delta, q_seg, kv_seg, shift, cfg: _Config
     )
 
 
-def _pad_axis(x, axis, length, value=0):
-    if x.shape[axis] == length:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _head_major(x, padded_len):
     """[batch, len, heads, d] -> [batch, heads, padded_len, d], zero padded."""
-    return _pad_axis(jnp.swapaxes(x, 1, 2), 2, padded_len)
+    return pad_axis(jnp.swapaxes(x, 1, 2), 2, padded_len)
 
 
 def _padded_inputs(q, k, v, q_seg, kv_seg, cfg: _Config):
-    padded_q_len = _round_up(q.shape[1], cfg.block_q)
+    padded_q_len = round_up(q.shape[1], cfg.block_q)
     if cfg.has_segments:
-        q_seg = _pad_axis(q_seg, 1, padded_q_len)
-        kv_seg = _pad_axis(kv_seg, 1, cfg.padded_kv_len)
+        q_seg = pad_axis(q_seg, 1, padded_q_len)
+        kv_seg = pad_axis(kv_seg, 1, cfg.padded_kv_len)
     return (
         _head_major(q, padded_q_len),
         _head_major(k, cfg.padded_kv_len),
@@ -563,7 +543,7 @@ def _attention_bwd(cfg, residuals, cotangents):
     q, k, v, q_seg, kv_seg, shift, out, lse = residuals
     d_out, d_lse = cotangents
     q_len, kv_len = q.shape[1], k.shape[1]
-    padded_q_len = _round_up(q_len, cfg.block_q)
+    padded_q_len = round_up(q_len, cfg.block_q)
     # d lse_i / d s_ij = p_ij, so the lse cotangent joins the row term of
     # dS = P * (dP - delta) as delta_i = rowsum(dO * O)_i - dlse_i. fp32 XLA
     # reduction: one pass over dO and O, cheaper than a third kernel.
@@ -575,8 +555,8 @@ def _attention_bwd(cfg, residuals, cotangents):
     # their gradients are 0 without an inf - inf anywhere.
     lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse)
     # Both kernels read them as lane rows [b, h, 1, q_pad].
-    lse = _pad_axis(lse, 2, padded_q_len, value=jnp.inf)[:, :, None, :]
-    delta = _pad_axis(delta, 2, padded_q_len)[:, :, None, :]
+    lse = pad_axis(lse, 2, padded_q_len, value=jnp.inf)[:, :, None, :]
+    delta = pad_axis(delta, 2, padded_q_len)[:, :, None, :]
     q_t, k_t, v_t, q_seg, kv_seg = _padded_inputs(q, k, v, q_seg, kv_seg, cfg)
     operands = (
         q_t,
@@ -630,17 +610,17 @@ def flash_attention_tpu(
     q_len, q_heads, head_dim = q.shape[1:]
     kv_len, kv_heads = k.shape[1], k.shape[2]
     q_seg, kv_seg = _resolve_segment_ids(q_segment_ids, kv_segment_ids, q_len, kv_len)
-    block_q = block_q or min(_DEFAULT_BLOCK, _round_up(q_len, _SUBLANES))
-    block_k = block_k or min(_DEFAULT_BLOCK, _round_up(kv_len, _SUBLANES))
-    if block_q % _SUBLANES or block_k % _SUBLANES:
+    block_q = block_q or min(_DEFAULT_BLOCK, round_up(q_len, SUBLANES))
+    block_k = block_k or min(_DEFAULT_BLOCK, round_up(kv_len, SUBLANES))
+    if block_q % SUBLANES or block_k % SUBLANES:
         raise ValueError(
-            f"block_q={block_q} and block_k={block_k} must be multiples of {_SUBLANES}"
+            f"block_q={block_q} and block_k={block_k} must be multiples of {SUBLANES}"
         )
     cfg = _Config(
         causal=bool(causal),
         sm_scale=1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale),
         kv_len=kv_len,
-        padded_kv_len=_round_up(kv_len, block_k),
+        padded_kv_len=round_up(kv_len, block_k),
         group=q_heads // kv_heads,
         has_segments=q_seg is not None,
         block_q=block_q,

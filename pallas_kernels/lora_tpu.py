@@ -42,15 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.lora import _check_shapes
-from pallas_kernels.paged_attention_tpu import interpret_params
+from pallas_kernels._mosaic_tpu import LANES, SMEM, SQUEEZED, CompilerParams, interpret_params, round_up
 
-# Older jax spelled these TPUCompilerParams and TPUMemorySpace.SMEM; a squeezed block dim is
-# `pl.squeezed` on newer jax and None on older.
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
-_SMEM = getattr(pltpu, "SMEM", None) or pltpu.TPUMemorySpace.SMEM
-_SQUEEZED = getattr(pl, "squeezed", None)
-
-_LANES = 128
 _MAX_BLOCK_K = 4096  # in_dim chunk: at 4096 the whole in_dim, so A is fetched once per visit
 _LANE_CHUNK = 512  # out_dim columns per expand step: bounds the fp32 temporaries
 # Keep the kernel's buffers under the smallest scoped-VMEM default (16 MiB on v4/v5e/v5p).
@@ -65,21 +58,17 @@ SGMV_BLOCK_TOKENS = 128
 # ----------------------------------------------------------------------------- sizing
 
 
-def _round_up(n, multiple):
-    return -(-n // multiple) * multiple
-
-
 def _lane_divisor(n: int, cap: int) -> int:
     """Largest multiple of 128 dividing n, at most cap; n itself if 128 does not divide it."""
-    if n % _LANES:
+    if n % LANES:
         return n
-    return max(d for d in range(_LANES, min(n, cap) + 1, _LANES) if n % d == 0)
+    return max(d for d in range(LANES, min(n, cap) + 1, LANES) if n % d == 0)
 
 
 def _tile_bytes(rows, cols, dtype):
     """VMEM bytes of a [rows, cols] buffer: (sublane, 128) tiles, 16 sublanes for 16-bit."""
     itemsize = jnp.dtype(dtype).itemsize
-    return _round_up(rows, 32 // itemsize) * _round_up(cols, _LANES) * itemsize
+    return round_up(rows, 32 // itemsize) * round_up(cols, LANES) * itemsize
 
 
 def _vmem_bytes(bt, bk, x, lora_a, lora_b, y, lane_chunk):
@@ -109,7 +98,7 @@ def _block_sizes(x, lora_a, lora_b, y, block_tokens):
         return _vmem_bytes(bt, bk, x, lora_a, lora_b, y, lane_chunk)
 
     def can_halve_bk(floor):
-        return bk > floor and bk % (2 * _LANES) == 0 and in_dim % (bk // 2) == 0
+        return bk > floor and bk % (2 * LANES) == 0 and in_dim % (bk // 2) == 0
 
     while size() > _VMEM_BUDGET:
         can_halve_bt = bt % 16 == 0 and bt < num_tokens
@@ -119,7 +108,7 @@ def _block_sizes(x, lora_a, lora_b, y, block_tokens):
             bk //= 2
         elif can_halve_bt:
             bt //= 2
-        elif can_halve_bk(_LANES):
+        elif can_halve_bk(LANES):
             bk //= 2
         else:
             break
@@ -264,10 +253,10 @@ def _grouped_lora_tpu(y, x, lora_a, lora_b, scales, group_starts, group_adapters
         num_scalar_prefetch=len(visits),
         grid=(num_visits, num_k),
         in_specs=[
-            pl.BlockSpec(memory_space=_SMEM),  # scales, indexed by adapter
+            pl.BlockSpec(memory_space=SMEM),  # scales, indexed by adapter
             pl.BlockSpec((bt, bk), x_map),
-            pl.BlockSpec((_SQUEEZED, bk, max_rank), a_map),
-            pl.BlockSpec((_SQUEEZED, max_rank, out_dim), b_map),
+            pl.BlockSpec((SQUEEZED, bk, max_rank), a_map),
+            pl.BlockSpec((SQUEEZED, max_rank, out_dim), b_map),
             pl.BlockSpec((bt, out_dim), y_map),
         ],
         out_specs=pl.BlockSpec((bt, out_dim), y_map),
@@ -282,7 +271,7 @@ def _grouped_lora_tpu(y, x, lora_a, lora_b, scales, group_starts, group_adapters
         # Operand 8 is y (after the 4 visit arrays, scales, x, A, B): rows no visit writes keep
         # y's values, and y is updated in place when the caller donates it.
         input_output_aliases={len(visits) + 4: 0},
-        compiler_params=_CompilerParams(dimension_semantics=("arbitrary", "arbitrary"),
+        compiler_params=CompilerParams(dimension_semantics=("arbitrary", "arbitrary"),
                                         vmem_limit_bytes=vmem_limit),
         interpret=interpret_params() if interpret else False,
         name="lora_grouped_tpu",

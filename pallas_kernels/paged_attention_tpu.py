@@ -27,32 +27,20 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic_tpu import LANES, CompilerParams, interpret_params
+
 # Finite stand-in for -inf, so exp(m_prev - m_next) never sees inf - inf before any live key.
 _MASK_VALUE = -1e30
 # Tokens per K/V block by default: 512 tokens of d128 bf16 is 128 KiB per buffer; K and V,
 # two slots each, take 512 KiB of VMEM, far under the scoped limit of every TPU generation.
 _DEFAULT_TOKENS_PER_BLOCK = 512
 
-# Older jax spelled it TPUCompilerParams.
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
-
-
-def interpret_params():
-    """TPU interpret mode with every check this jax offers (older/newer jax differ in fields)."""
-    wanted = {"detect_races": True, "uninitialized_memory": "nan", "out_of_bounds_reads": "raise"}
-    known = {f.name for f in dataclasses.fields(pltpu.InterpretParams)}
-    return pltpu.InterpretParams(**{k: v for k, v in wanted.items() if k in known})
-
-
-# HBM arrays are tiled (8, 128): a DMA may cut a page row only at multiples of 128 lanes.
-_LANES = 128
-
-
 def heads_per_window(kv_heads, head_dim):
     """How many kv heads one program takes: the fewest whose columns of a page row form a
-    DMA-legal window (a multiple of 128 lanes), else all of them (the whole row is legal)."""
+    DMA-legal window (HBM is tiled (8, 128), so a multiple of 128 lanes), else all of them (the
+    whole row is legal)."""
     for packing in range(1, kv_heads + 1):
-        if kv_heads % packing == 0 and (packing * head_dim) % _LANES == 0:
+        if kv_heads % packing == 0 and (packing * head_dim) % LANES == 0:
             return packing
     return kv_heads
 
@@ -111,12 +99,22 @@ class PageDMAs:
     k_buf: object  # [2, P, page_size, head_dim] in VMEM
     v_buf: object
     sems: object  # DMA semaphores [2 (K, V), 2 (slot)]
-    column: object  # first lane of the kv head in a pool row
+    kv_head: object  # which column window of a pool row (after `pack_heads`)
+
+    def _window(self, pool, page_id):
+        head_dim = self.k_buf.shape[-1]
+        if head_dim == pool.shape[-1]:
+            # The whole row: sliced by a traced (if always zero) lane offset, a window narrower
+            # than a multiple of 128 lanes would fail Mosaic's tile-alignment check.
+            return pool.at[page_id]
+        # A lane-aligned column window of each page row (a strided DMA), so the VMEM copy is
+        # a dense [page_size, d].
+        column = pl.multiple_of(self.kv_head * head_dim, head_dim)
+        return pool.at[page_id].at[:, pl.ds(column, head_dim)]
 
     def copies(self, block, slot):
         """(live?, K copy, V copy) for every page of `block`."""
-        pages_per_block, _, head_dim = self.k_buf.shape[1:]
-        src = (slice(None), pl.ds(self.column, head_dim))
+        pages_per_block = self.k_buf.shape[1]
         copies = []
         for i in range(pages_per_block):
             page_index = block * pages_per_block + i
@@ -125,9 +123,9 @@ class PageDMAs:
             # under `live`, so page 0 is never actually copied for them.
             entry = self.table_offset + jnp.minimum(page_index, self.pages_per_seq - 1)
             page_id = jnp.where(live, self.table_ref[entry], 0)
-            k_copy = pltpu.make_async_copy(self.k_hbm.at[page_id].at[src],
+            k_copy = pltpu.make_async_copy(self._window(self.k_hbm, page_id),
                                            self.k_buf.at[slot, i], self.sems.at[0, slot])
-            v_copy = pltpu.make_async_copy(self.v_hbm.at[page_id].at[src],
+            v_copy = pltpu.make_async_copy(self._window(self.v_hbm, page_id),
                                            self.v_buf.at[slot, i], self.sems.at[1, slot])
             copies.append((live, k_copy, v_copy))
         return copies
@@ -141,6 +139,46 @@ class PageDMAs:
             _when(live, [copy.wait for copy in copies])
 
 
+def online_softmax_init(rows, head_dim):
+    """(accumulator, running max, running sum) before any K/V block, all fp32."""
+    return (jnp.zeros((rows, head_dim), jnp.float32),
+            jnp.full((rows, 1), _MASK_VALUE, jnp.float32),
+            jnp.zeros((rows, 1), jnp.float32))
+
+
+def online_softmax_step(q, k_pages, v_pages, visible, first_key, key_end, carry, *, sm_scale):
+    """Fold one K/V block (`[pages, page_size, d]` as the page DMAs left it) into `carry`.
+
+    `visible` [rows, tokens] masks the logits; V rows at or past `key_end` are zeroed, because
+    stale buffer slots and NaN page tails would otherwise reach the output as 0 * NaN.
+    """
+    acc, m_prev, l_prev = carry
+    num_pages, page_size, head_dim = k_pages.shape
+    # [pages, page_size, d] -> [tokens, d]: merges leading dims only (page_size is a multiple
+    # of the sublane tile on the sizes a TPU is meant to run).
+    k = k_pages.reshape(num_pages * page_size, head_dim)
+    v = v_pages.reshape(num_pages * page_size, head_dim)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32) * sm_scale
+    logits = jnp.where(visible, logits, _MASK_VALUE)
+    m_next = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
+    probs = jnp.where(visible, jnp.exp(logits - m_next), 0.0)
+    correction = jnp.exp(m_prev - m_next)
+    l_next = correction * l_prev + probs.sum(axis=1, keepdims=True)
+    v_pos = first_key + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+    v = jnp.where(v_pos < key_end, v, jnp.zeros((), v.dtype))
+    pv = lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                         precision=precision, preferred_element_type=jnp.float32)
+    return correction * acc + pv, m_next, l_next
+
+
+def online_softmax_result(carry):
+    """The attention output from the final carry; rows that saw no key give zeros."""
+    acc, _, l = carry
+    return acc / jnp.where(l == 0.0, 1.0, l)
+
+
 def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, *,
                    sm_scale, page_size, pages_per_block, pages_per_seq, head_dim):
     seq = pl.program_id(0)
@@ -152,12 +190,8 @@ def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_
     used_pages = lax.div(length + page_size - 1, page_size)
     num_blocks = lax.div(used_pages + pages_per_block - 1, pages_per_block)
     tokens_per_block = pages_per_block * page_size
-    # The pools are [pages, page_size, kv_heads * head_dim]: this kv head is a lane-aligned
-    # column window of each page (a strided DMA), so the VMEM copy is a dense [page_size, d].
-    column = pl.multiple_of(kv_head * head_dim, head_dim)
-
     pages = PageDMAs(table_ref, seq * pages_per_seq, pages_per_seq, used_pages, k_hbm, v_hbm,
-                     k_buf, v_buf, sems, column)
+                     k_buf, v_buf, sems, kv_head)
 
     @pl.when(num_blocks > 0)
     def _():
@@ -165,10 +199,8 @@ def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_
 
     q = q_ref[...]
     group = q.shape[0]
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def body(block, carry):
-        acc, m_prev, l_prev = carry
         slot = lax.rem(block, 2)
 
         @pl.when(block + 1 < num_blocks)
@@ -176,31 +208,13 @@ def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_
             pages.start(block + 1, 1 - slot)
 
         pages.wait(block, slot)
-        # [pages, page_size, d] -> [tokens, d]: merges leading dims only (page_size is a
-        # multiple of the sublane tile on the sizes a TPU is meant to run).
-        k = k_buf[slot].reshape(tokens_per_block, head_dim)
-        v = v_buf[slot].reshape(tokens_per_block, head_dim)
-        first_token = block * tokens_per_block
-        key_pos = first_token + lax.broadcasted_iota(jnp.int32, (group, tokens_per_block), 1)
-        live = key_pos < length
-        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                 preferred_element_type=jnp.float32) * sm_scale
-        logits = jnp.where(live, logits, _MASK_VALUE)
-        m_next = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
-        probs = jnp.where(live, jnp.exp(logits - m_next), 0.0)
-        correction = jnp.exp(m_prev - m_next)
-        l_next = correction * l_prev + probs.sum(axis=1, keepdims=True)
-        v_live = first_token + lax.broadcasted_iota(jnp.int32, (tokens_per_block, head_dim), 0)
-        v = jnp.where(v_live < length, v, jnp.zeros((), v.dtype))
-        pv = lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-        return correction * acc + pv, m_next, l_next
+        first_key = block * tokens_per_block
+        key_pos = first_key + lax.broadcasted_iota(jnp.int32, (group, tokens_per_block), 1)
+        return online_softmax_step(q, k_buf[slot], v_buf[slot], key_pos < length, first_key, length,
+                                   carry, sm_scale=sm_scale)
 
-    init = (jnp.zeros((group, head_dim), jnp.float32),
-            jnp.full((group, 1), _MASK_VALUE, jnp.float32),
-            jnp.zeros((group, 1), jnp.float32))
-    acc, _, l = lax.fori_loop(0, num_blocks, body, init)
-    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+    carry = lax.fori_loop(0, num_blocks, body, online_softmax_init(group, head_dim))
+    o_ref[...] = online_softmax_result(carry).astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "interpret"))
@@ -255,7 +269,7 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, sm_scale=No
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(qg.shape, q.dtype),
-        compiler_params=_CompilerParams(dimension_semantics=("parallel", "parallel")),
+        compiler_params=CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params() if interpret else False,
         name="paged_decode_attention_tpu",
     )(table, lengths, qg, k_flat, v_flat)

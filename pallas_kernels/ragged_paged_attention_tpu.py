@@ -37,13 +37,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._triton import blocks_over_segments, next_pow2
+from pallas_kernels._mosaic_tpu import CompilerParams, interpret_params
 from pallas_kernels.paged_attention_tpu import (
-    _CompilerParams,
     _DEFAULT_TOKENS_PER_BLOCK,
-    _MASK_VALUE,
     PageDMAs,
     heads_per_window,
-    interpret_params,
+    online_softmax_init,
+    online_softmax_result,
+    online_softmax_step,
     pack_heads,
     unpack_heads,
 )
@@ -117,10 +118,8 @@ def _ragged_kernel(table_ref, seq_ref, rows_ref, first_pos_ref, key_end_ref,
     used_pages = lax.div(key_end + page_size - 1, page_size)
     num_kv_blocks = lax.div(used_pages + pages_per_block - 1, pages_per_block)
     tokens_per_block = pages_per_block * page_size
-    # This kv head is a lane-aligned column window of each page row (see the decode kernel).
-    column = pl.multiple_of(kv_head * head_dim, head_dim)
     pages = PageDMAs(table_ref, seq * pages_per_seq, pages_per_seq, used_pages, k_hbm, v_hbm,
-                     k_buf, v_buf, sems, column)
+                     k_buf, v_buf, sems, kv_head)
 
     @pl.when(num_kv_blocks > 0)
     def _():
@@ -128,14 +127,12 @@ def _ragged_kernel(table_ref, seq_ref, rows_ref, first_pos_ref, key_end_ref,
 
     q = q_ref[...]
     num_rows = q.shape[0]
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     # Row r of the tile is query head r // block_q of the group, token r % block_q of the block.
     # Dead rows (token >= rows) hold zeros and compute finite values the scatter drops.
     row_token = lax.rem(lax.broadcasted_iota(jnp.int32, (num_rows, tokens_per_block), 0), block_q)
     row_pos = first_pos + row_token
 
     def body(kv_block, carry):
-        acc, m_prev, l_prev = carry
         slot = lax.rem(kv_block, 2)
 
         @pl.when(kv_block + 1 < num_kv_blocks)
@@ -143,30 +140,14 @@ def _ragged_kernel(table_ref, seq_ref, rows_ref, first_pos_ref, key_end_ref,
             pages.start(kv_block + 1, 1 - slot)
 
         pages.wait(kv_block, slot)
-        # [pages, page_size, d] -> [tokens, d]: merges leading dims only.
-        k = k_buf[slot].reshape(tokens_per_block, head_dim)
-        v = v_buf[slot].reshape(tokens_per_block, head_dim)
         first_key = kv_block * tokens_per_block
         key_pos = first_key + lax.broadcasted_iota(jnp.int32, (num_rows, tokens_per_block), 1)
         visible = (key_pos < key_end) & (key_pos <= row_pos)
-        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                 preferred_element_type=jnp.float32) * sm_scale
-        logits = jnp.where(visible, logits, _MASK_VALUE)
-        m_next = jnp.maximum(m_prev, logits.max(axis=1, keepdims=True))
-        probs = jnp.where(visible, jnp.exp(logits - m_next), 0.0)
-        correction = jnp.exp(m_prev - m_next)
-        l_next = correction * l_prev + probs.sum(axis=1, keepdims=True)
-        v_pos = first_key + lax.broadcasted_iota(jnp.int32, (tokens_per_block, head_dim), 0)
-        v = jnp.where(v_pos < key_end, v, jnp.zeros((), v.dtype))
-        pv = lax.dot_general(probs.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-        return correction * acc + pv, m_next, l_next
+        return online_softmax_step(q, k_buf[slot], v_buf[slot], visible, first_key, key_end, carry,
+                                   sm_scale=sm_scale)
 
-    init = (jnp.zeros((num_rows, head_dim), jnp.float32),
-            jnp.full((num_rows, 1), _MASK_VALUE, jnp.float32),
-            jnp.zeros((num_rows, 1), jnp.float32))
-    acc, _, l = lax.fori_loop(0, num_kv_blocks, body, init)
-    o_ref[...] = (acc / jnp.where(l == 0.0, 1.0, l)).astype(o_ref.dtype)
+    carry = lax.fori_loop(0, num_kv_blocks, body, online_softmax_init(num_rows, head_dim))
+    o_ref[...] = online_softmax_result(carry).astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -245,7 +226,7 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, page_table, kv_lengths, cu_q
         kernel,
         grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct(tiles.shape, q.dtype),
-        compiler_params=_CompilerParams(dimension_semantics=("parallel", "parallel")),
+        compiler_params=CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret_params() if interpret else False,
         name="ragged_paged_attention_tpu",
     )(table, sched["seq"], sched["rows"], sched["first_pos"], sched["key_end"],

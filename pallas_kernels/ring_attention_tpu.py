@@ -71,6 +71,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels._mosaic_tpu import (
+    LANES,
+    SQUEEZED,
+    SUBLANES,
+    CompilerParams,
+    DeviceIdType,
+    interpret_params,
+    pad_axis,
+    round_up,
+    semaphore_signal,
+    semaphore_wait,
+)
 from pallas_kernels.flash_attention import (
     _check_shapes,
     flash_attention_reference,
@@ -79,34 +91,11 @@ from pallas_kernels.flash_attention import (
 
 # m and l of the block being computed are replicated across one vreg's lanes,
 # as in flash_attention_tpu: full-width tiles avoid narrow-layout relayouts.
-_LANES = 128
-_SUBLANES = 8
 _DEFAULT_BLOCK = 512
 # Remote writes into a neighbour's VMEM need a kernel-wide barrier semaphore,
 # which XLA allocates per collective id.
 _COLLECTIVE_ID = 0
 
-_SQUEEZED = getattr(pl, "squeezed", None)
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
-# Semaphore ops moved from pltpu to pl; older jax has them only under pltpu.
-_semaphore_signal = getattr(pl, "semaphore_signal", None) or pltpu.semaphore_signal
-_semaphore_wait = getattr(pl, "semaphore_wait", None) or pltpu.semaphore_wait
-_DeviceIdType = getattr(pl, "DeviceIdType", None) or pltpu.DeviceIdType
-
-
-def interpret_params():
-    """TPU interpreter settings with every check this jax offers.
-
-    Races between the remote copies and the compute are reported, buffers
-    (scratch included) start as NaN and out-of-bounds reads raise.
-    """
-    wanted = {
-        "detect_races": True,
-        "uninitialized_memory": "nan",
-        "out_of_bounds_reads": "raise",
-    }
-    fields = {f.name for f in dataclasses.fields(pltpu.InterpretParams)}
-    return pltpu.InterpretParams(**{k: v for k, v in wanted.items() if k in fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +126,7 @@ class _Config:
 
 def _row_to_column(row):
     """``[1, n]`` -> ``[n, 128]``, each row holding one entry across the lanes."""
-    return jnp.transpose(jnp.broadcast_to(row, (_LANES, row.shape[1])))
+    return jnp.transpose(jnp.broadcast_to(row, (LANES, row.shape[1])))
 
 
 def _column_to_row(column):
@@ -356,7 +345,7 @@ def _ring_kernel(
     # lax.rem, not %: operands are >= 0, and floor-mod lowers to a sign fix-up.
     right = along_ring(lax.rem(me + 1, n))
     left = along_ring(lax.rem(me + n - 1, n))
-    mesh_ids = _DeviceIdType.MESH
+    mesh_ids = DeviceIdType.MESH
 
     # This program's own K/V block goes into slot 0 (a local DMA from HBM).
     local_copies = [
@@ -376,7 +365,7 @@ def _ring_kernel(
         # write into our slots. Waited for just before our own first send.
         @pl.when(first_program)
         def _announce():
-            _semaphore_signal(
+            semaphore_signal(
                 pltpu.get_barrier_semaphore(),
                 1,
                 device_id=left,
@@ -402,11 +391,11 @@ def _ring_kernel(
         def _send():
             @pl.when(first_program & (step == 0))
             def _():
-                _semaphore_wait(pltpu.get_barrier_semaphore(), 1)
+                semaphore_wait(pltpu.get_barrier_semaphore(), 1)
 
             @pl.when(~first_program | (step > 0))
             def _():
-                _semaphore_wait(ready_sem, 1)
+                semaphore_wait(ready_sem, 1)
 
             for copy in sends:
                 copy.start()
@@ -435,7 +424,7 @@ def _ring_kernel(
 
             @pl.when(next_step_forwards)
             def _ready():
-                _semaphore_signal(ready_sem, 1, device_id=left, device_id_type=mesh_ids)
+                semaphore_signal(ready_sem, 1, device_id=left, device_id_type=mesh_ids)
 
         return carry
 
@@ -448,9 +437,9 @@ def _vmem_bytes(cfg: _Config, head_dim, q_dtype, kv_dtype):
     q_item, kv_item = jnp.dtype(q_dtype).itemsize, jnp.dtype(kv_dtype).itemsize
     rows = cfg.group * cfg.padded_len
     slots = 2 * 2 * cfg.padded_len * head_dim * kv_item
-    state = rows * head_dim * 4 + 3 * 2 * rows * _SUBLANES * 4  # lse/m/l rows pad to 8
+    state = rows * head_dim * 4 + 3 * 2 * rows * SUBLANES * 4  # lse/m/l rows pad to 8
     staging = 2 * 2 * cfg.block_q * head_dim * q_item
-    block = 2 * cfg.block_q * _LANES * 4 + 4 * cfg.block_q * cfg.block_k * 4
+    block = 2 * cfg.block_q * LANES * 4 + 4 * cfg.block_q * cfg.block_k * 4
     return slots + state + staging + block
 
 
@@ -477,11 +466,11 @@ def _forward(q, k, v, cfg: _Config):
     kv_heads = k.shape[1]
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     lse_spec = pl.BlockSpec(
-        (_SQUEEZED, cfg.group, cfg.q_blocks, 1, cfg.block_q),
+        (SQUEEZED, cfg.group, cfg.q_blocks, 1, cfg.block_q),
         lambda b, h, index_ref: (b, h, 0, 0, 0),
     )
     row_state = pltpu.VMEM((cfg.group, cfg.q_blocks, 1, cfg.block_q), jnp.float32)
-    column = pltpu.VMEM((cfg.block_q, _LANES), jnp.float32)
+    column = pltpu.VMEM((cfg.block_q, LANES), jnp.float32)
     slots = pltpu.VMEM((2, cfg.padded_len, head_dim), k.dtype)
     staging = pltpu.VMEM((2, cfg.block_q, head_dim), q.dtype)
     dma_pair = pltpu.SemaphoreType.DMA((2,))
@@ -520,7 +509,7 @@ def _forward(q, k, v, cfg: _Config):
                 (batch, q_heads, cfg.q_blocks, 1, cfg.block_q), jnp.float32, like=q
             ),
         ],
-        compiler_params=_CompilerParams(
+        compiler_params=CompilerParams(
             dimension_semantics=("arbitrary", "arbitrary"),
             collective_id=_COLLECTIVE_ID,
             # Scoped VMEM defaults to 16-32 MiB; long shards need more.
@@ -537,21 +526,13 @@ def _mesh_coords():
     return jnp.stack([lax.axis_index(axis) for axis in axes]).astype(jnp.int32)
 
 
-def _pad_axis(x, axis, length):
-    if x.shape[axis] == length:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _ring_attention(q, k, v, cfg: _Config):
     """Model layout in, model layout out; transposes and pads around the kernel."""
     batch, seq_len, q_heads, _ = q.shape
 
     def head_major(x):
-        return _pad_axis(jnp.swapaxes(x, 1, 2), 2, cfg.padded_len)
+        return pad_axis(jnp.swapaxes(x, 1, 2), 2, cfg.padded_len)
 
     out, lse = _forward(head_major(q), head_major(k), head_major(v), cfg)
     lse = lse.reshape(batch, q_heads, cfg.padded_len)[:, :, :seq_len]
@@ -606,10 +587,6 @@ def _ring_attention_bwd(cfg, residuals, cotangents):
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
-def _round_up(x, multiple):
-    return -(-x // multiple) * multiple
-
-
 def ring_attention_tpu(
     q,
     k,
@@ -642,12 +619,12 @@ def ring_attention_tpu(
         raise ValueError(
             f"ring attention needs equal local q and kv lengths, got {seq_len} and {k.shape[1]}"
         )
-    default_block = min(_DEFAULT_BLOCK, _round_up(seq_len, _LANES))
+    default_block = min(_DEFAULT_BLOCK, round_up(seq_len, LANES))
     block_q = block_q or default_block
     block_k = block_k or default_block
-    if block_q % _SUBLANES or block_k % _SUBLANES:
+    if block_q % SUBLANES or block_k % SUBLANES:
         raise ValueError(
-            f"block_q={block_q} and block_k={block_k} must be multiples of {_SUBLANES}"
+            f"block_q={block_q} and block_k={block_k} must be multiples of {SUBLANES}"
         )
     if interpret is True:
         interpret = interpret_params()
@@ -662,7 +639,7 @@ def ring_attention_tpu(
         causal=bool(causal),
         sm_scale=1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale),
         seq_len=seq_len,
-        padded_len=_round_up(seq_len, math.lcm(block_q, block_k)),
+        padded_len=round_up(seq_len, math.lcm(block_q, block_k)),
         group=q_heads // k.shape[2],
         block_q=block_q,
         block_k=block_k,

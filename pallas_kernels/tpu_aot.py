@@ -37,13 +37,18 @@ def libtpu_requirement() -> str:
 
 
 def tpu_devices(generation: str):
-    """The devices of a one-host slice of `generation` (a key of TOPOLOGIES)."""
+    """One device per chip of a one-host slice of `generation` (a key of TOPOLOGIES).
+
+    v4 and v5p describe both TensorCores of a chip, but jax runs them as one "megacore"
+    device, and only the first core of each chip may enter a mesh.
+    """
     if generation not in TOPOLOGIES:
         raise ValueError(f"unknown TPU generation {generation!r}; expected one of {sorted(TOPOLOGIES)}")
     # libtpu takes a host-wide lock file, as if it owned the chips; only compiling here, any
     # number of processes may share it (set before libtpu first loads, i.e. here).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[generation]).devices
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=TOPOLOGIES[generation]).devices
+    return [device for device in devices if getattr(device, "core_on_chip", 0) == 0]
 
 
 def tpu_mesh(generation: str, shape=(1,), axis_names=("x",)) -> Mesh:

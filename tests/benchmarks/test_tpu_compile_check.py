@@ -22,7 +22,8 @@ def test_tpu_kernels_and_model_compile():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" ok")]
-    # Every case of the quick list: flash fwd and fwd+bwd, paged decode, ragged, BGMV, SGMV, and
-    # the model's train step, decode step and prefill chunk on a 2x2 mesh.
-    assert len(rows) == 9, proc.stdout
+    # Every case of the quick list: flash fwd and fwd+bwd, paged decode (head_dim 128 and 64),
+    # ragged, BGMV, SGMV, a 4-chip ring, and the model's train step, decode step and prefill
+    # chunk on a 2x2 mesh.
+    assert len(rows) == 11, proc.stdout
     assert "compiled for TPU" in proc.stdout
