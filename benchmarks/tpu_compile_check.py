@@ -115,8 +115,9 @@ def _lora_case(name, num_tokens, dim, max_rank, num_adapters, *, segments=None):
     return Case(name, build)
 
 
-def _ring_case(name, batch, length, q_heads, kv_heads, head_dim, ring, *, causal=True):
-    """The fused ring kernel under shard_map: each of `ring` chips holds length / ring tokens."""
+def _ring_case(name, batch, length, q_heads, kv_heads, head_dim, ring, *, causal=True, grad=False):
+    """The fused ring kernel under shard_map: each of `ring` chips holds length / ring tokens;
+    `grad` adds its backward (a ppermute ring of Mosaic flash forward/backward calls)."""
 
     def build(mesh):
         spec = PartitionSpec(None, "sequence", None, None)
@@ -125,7 +126,14 @@ def _ring_case(name, batch, length, q_heads, kv_heads, head_dim, ring, *, causal
         attend = jax.shard_map(
             lambda q, k, v: ring_attention_tpu(q, k, v, axis_name="sequence", causal=causal),
             mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, PartitionSpec(None, None, "sequence")))
-        return attend, (q, kv, kv)
+        if not grad:
+            return attend, (q, kv, kv)
+
+        def loss(q, k, v):
+            out, lse = attend(q, k, v)
+            return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0.0).sum()
+
+        return jax.grad(loss, argnums=(0, 1, 2)), (q, kv, kv)
 
     return Case(name, build, dict(fsdp=1, sequence=ring))
 
@@ -228,6 +236,7 @@ def kernel_cases(quick: bool) -> list[Case]:
             _lora_case("bgmv 8 tokens 512->512 r16, 4 adapters", 8, 512, 16, 4),
             _lora_case("sgmv 300 tokens 512->512 r16, 3 segments", 300, 512, 16, 4, segments=3),
             _ring_case("ring 4 chips x 256 tokens h4/2 d128", 1, 1024, 4, 2, 128, 4),
+            _ring_case("ring fwd+bwd 4 chips x 256 tokens h4/2 d128", 1, 1024, 4, 2, 128, 4, grad=True),
         ]
     return [
         _flash_case("flash fwd causal b2 s2048 h8/2 d128", 2, 2048, 8, 2, 128),
@@ -248,6 +257,7 @@ def kernel_cases(quick: bool) -> list[Case]:
         _lora_case("sgmv 4096 tokens 4096->4096 r64, 8 segments", 4096, 4096, 64, 100, segments=8),
         _ring_case("ring 4 chips x 4096 tokens h32/8 d128 causal", 1, 16384, 32, 8, 128, 4),
         _ring_case("ring 4 chips x 4096 tokens h8/8 d128 full", 1, 16384, 8, 8, 128, 4, causal=False),
+        _ring_case("ring fwd+bwd 4 chips x 4096 tokens h32/8 d128 causal", 1, 16384, 32, 8, 128, 4, grad=True),
     ]
 
 

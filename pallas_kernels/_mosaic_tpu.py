@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -48,3 +49,21 @@ def pad_axis(x, axis, length, value=0):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, length - x.shape[axis])
     return jnp.pad(x, widths, constant_values=value)
+
+
+def out_struct(shape, dtype, like):
+    """A pallas_call output shape that varies over the same mesh axes as the array `like`.
+
+    Inside `shard_map(check_vma=True)` a kernel's outputs must say which manual axes they vary
+    over; the aval field is `manual_axis_type` on jax 0.10 and `vma` on others. Outside a
+    shard_map this is a plain ShapeDtypeStruct.
+    """
+    aval = jax.typeof(like)
+    for field in ("manual_axis_type", "vma"):
+        value = getattr(aval, field, None)
+        if value is not None:
+            try:
+                return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
+            except TypeError:
+                continue
+    return jax.ShapeDtypeStruct(shape, dtype)

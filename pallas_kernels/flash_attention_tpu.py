@@ -64,6 +64,7 @@ from pallas_kernels._mosaic_tpu import (
     SUBLANES,
     CompilerParams,
     interpret_params,
+    out_struct,
     pad_axis,
     round_up,
 )
@@ -394,8 +395,8 @@ def _forward(q, k, v, q_seg, kv_seg, shift, cfg: _Config):
         [q, k, v, *_segment_operands(q_seg, kv_seg, cfg, q_as_column=True)],
         [q_spec, column_spec],
         [
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
-            jax.ShapeDtypeStruct((batch, q_heads, padded_q_len, 1), jnp.float32),
+            out_struct(q.shape, q.dtype, q),
+            out_struct((batch, q_heads, padded_q_len, 1), jnp.float32, q),
         ],
         [
             pltpu.VMEM((cfg.block_q, LANES), jnp.float32),  # running max m
@@ -428,7 +429,7 @@ def _backward_dq(q, k, v, d_out, lse, delta, q_seg, kv_seg, shift, cfg: _Config)
             *_segment_operands(q_seg, kv_seg, cfg, q_as_column=True),
         ],
         q_spec,
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_struct(q.shape, q.dtype, q),
         [
             pltpu.VMEM((cfg.block_q, q.shape[-1]), jnp.float32),  # dQ accumulator
             pltpu.VMEM((cfg.block_q, LANES), jnp.float32),  # lse as a column
@@ -492,8 +493,8 @@ def _backward_dkv(q, k, v, d_out, lse, delta, q_seg, kv_seg, shift, cfg: _Config
         ],
         [kv_spec, kv_spec],
         [
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            out_struct(k.shape, k.dtype, k),
+            out_struct(v.shape, v.dtype, v),
         ],
         [
             pltpu.VMEM((cfg.block_k, head_dim), jnp.float32),  # dK accumulator

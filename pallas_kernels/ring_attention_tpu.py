@@ -53,10 +53,12 @@ masked and padded query rows dropped. On a real TPU, keep ``block_q`` and
 ``block_k`` multiples of 128 (the defaults are, up to 512): ``block_k`` is the
 lane dim of the score tile and ``block_q`` of the carried rows.
 
-Gradients: ``jax.custom_vjp`` whose backward differentiates a plain jnp ring
-(``lax.ppermute`` + ``flash_attention_reference`` + ``merge_attention_partials``
-per step). It is exact, but materialises ``[len, len]`` scores per head and
-step -- there is no fused backward kernel.
+Gradients: ``jax.custom_vjp`` whose backward differentiates the unfused ring
+``ring_attention_jnp`` (``lax.ppermute`` + one flash call + a merge of partials
+per step). On a TPU those are the Mosaic flash kernels with their Pallas
+backward, so memory stays O(block) per step; but the transfers are XLA's
+collectives, not overlapped inside one kernel as in the forward -- there is no
+fused backward kernel yet.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from pallas_kernels._mosaic_tpu import (
     CompilerParams,
     DeviceIdType,
     interpret_params,
+    out_struct,
     pad_axis,
     round_up,
     semaphore_signal,
@@ -85,7 +88,7 @@ from pallas_kernels._mosaic_tpu import (
 )
 from pallas_kernels.flash_attention import (
     _check_shapes,
-    flash_attention_reference,
+    flash_attention_with_lse,
     merge_attention_partials,
 )
 
@@ -443,23 +446,6 @@ def _vmem_bytes(cfg: _Config, head_dim, q_dtype, kv_dtype):
     return slots + state + staging + block
 
 
-def _out_struct(shape, dtype, like):
-    """An output shape that varies over the same mesh axes as ``like``.
-
-    Needed under ``shard_map(check_vma=True)``; the field is
-    ``manual_axis_type`` on this jax and ``vma`` on some others.
-    """
-    aval = jax.typeof(like)
-    for field in ("manual_axis_type", "vma"):
-        value = getattr(aval, field, None)
-        if value is not None:
-            try:
-                return jax.ShapeDtypeStruct(shape, dtype, **{field: value})
-            except TypeError:
-                continue
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _forward(q, k, v, cfg: _Config):
     """Head-major padded inputs -> (out [b, hq, L, d], lse [b, hq, q_blocks, 1, block_q])."""
     batch, q_heads, _, head_dim = q.shape
@@ -504,8 +490,8 @@ def _forward(q, k, v, cfg: _Config):
         functools.partial(_ring_kernel, cfg=cfg),
         grid_spec=grid_spec,
         out_shape=[
-            _out_struct(q.shape, q.dtype, like=q),
-            _out_struct(
+            out_struct(q.shape, q.dtype, like=q),
+            out_struct(
                 (batch, q_heads, cfg.q_blocks, 1, cfg.block_q), jnp.float32, like=q
             ),
         ],
@@ -539,10 +525,13 @@ def _ring_attention(q, k, v, cfg: _Config):
     return jnp.swapaxes(out[:, :, :seq_len], 1, 2), lse
 
 
-def ring_attention_jnp(q, k, v, *, axis_name, causal=True, sm_scale=None):
-    """The same ring in plain jnp: ``ppermute`` K/V, attend, merge partials.
+def ring_attention_jnp(q, k, v, *, axis_name, causal=True, sm_scale=None, implementation=None):
+    """The same ring unfused: ``ppermute`` K/V, one flash call per step, merge partials.
 
-    Differentiable (it is the kernel's backward); materialises the scores.
+    Differentiable, and the fused kernel's backward. Each step is
+    ``flash_attention_with_lse`` with that block's offsets and ``implementation``
+    (None dispatches: the Mosaic TPU flash kernels, forward and backward, on a
+    TPU; the dense reference on CPU), so on a TPU no step materialises scores.
     """
     n = lax.axis_size(axis_name)
     me = lax.axis_index(axis_name)
@@ -551,7 +540,7 @@ def ring_attention_jnp(q, k, v, *, axis_name, causal=True, sm_scale=None):
     out = lse = None
     for step in range(n):
         origin = lax.rem(me - step + n, n)
-        part = flash_attention_reference(
+        part = flash_attention_with_lse(
             q,
             k,
             v,
@@ -559,6 +548,7 @@ def ring_attention_jnp(q, k, v, *, axis_name, causal=True, sm_scale=None):
             sm_scale=sm_scale,
             q_offset=me * seq_len,
             kv_offset=origin * seq_len,
+            implementation=implementation,
         )
         out, lse = part if out is None else merge_attention_partials(out, lse, *part)
         if step < n - 1:
@@ -579,6 +569,8 @@ def _ring_attention_bwd(cfg, residuals, cotangents):
         axis_name=cfg.axis_name,
         causal=cfg.causal,
         sm_scale=cfg.sm_scale,
+        # This kernel runs only on a TPU (or its interpreter, in tests): so do the flash calls.
+        implementation="pallas_tpu_interpret" if cfg.interpret else "pallas_tpu",
     )
     _, vjp = jax.vjp(ring, *residuals)
     return vjp(cotangents)

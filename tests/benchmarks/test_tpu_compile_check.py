@@ -23,7 +23,7 @@ def test_tpu_kernels_and_model_compile():
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(" ok")]
     # Every case of the quick list: flash fwd and fwd+bwd, paged decode (head_dim 128 and 64),
-    # ragged, BGMV, SGMV, a 4-chip ring, and the model's train step, decode step and prefill
-    # chunk on a 2x2 mesh.
-    assert len(rows) == 11, proc.stdout
+    # ragged, BGMV, SGMV, a 4-chip ring forward and forward+backward, and the model's train
+    # step, decode step and prefill chunk on a 2x2 mesh.
+    assert len(rows) == 12, proc.stdout
     assert "compiled for TPU" in proc.stdout
