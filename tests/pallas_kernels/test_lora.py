@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lora_inputs import random_adapters
 
 from pallas_kernels.lora import _resolve, bgmv, bgmv_reference, sgmv, sgmv_reference
 
@@ -24,20 +25,6 @@ _seed = itertools.count(int(np.random.SeedSequence().entropy % (2**31)))
 
 def _rng():
     return np.random.default_rng(next(_seed))
-
-
-def _adapters(rng, num_adapters, in_dim, out_dim, max_rank, dtype):
-    """Stacked adapters of random ranks in [1, max_rank], zero-padded to max_rank."""
-    ranks = rng.integers(1, max_rank + 1, num_adapters)
-    ranks[0] = max_rank
-    a = rng.standard_normal((num_adapters, in_dim, max_rank)) / np.sqrt(in_dim)
-    b = rng.standard_normal((num_adapters, max_rank, out_dim)) / np.sqrt(max_rank)
-    for i, r in enumerate(ranks):
-        a[i, :, r:] = 0.0
-        b[i, r:, :] = 0.0
-    scales = rng.uniform(0.25, 2.0, num_adapters)
-    return (jnp.asarray(a, dtype), jnp.asarray(b, dtype), jnp.asarray(scales, jnp.float32),
-            ranks)
 
 
 def _activations(rng, num_tokens, in_dim, out_dim, dtype, dead_rows):
@@ -79,7 +66,7 @@ def _segments_to_indices(starts, adapters, num_tokens):
 def test_references_match_naive_loop():
     rng = _rng()
     num_tokens, in_dim, out_dim = 29, 40, 24
-    a, b, scales, ranks = _adapters(rng, 6, in_dim, out_dim, 8, jnp.float32)
+    a, b, scales, ranks = random_adapters(rng, 6, in_dim, out_dim, 8, jnp.float32)
     indices = rng.integers(-1, 6, num_tokens)
     x, y = _activations(rng, num_tokens, in_dim, out_dim, jnp.float32, indices < 0)
     out = bgmv_reference(y, x, a, b, jnp.asarray(indices, jnp.int32), scales)
@@ -104,7 +91,7 @@ def test_bgmv_pallas_matches_reference(dtype, num_tokens, num_adapters):
     """Few adapters (blocks of shared adapters), more adapters than tokens, a single token."""
     rng = _rng()
     in_dim, out_dim = 48, 80  # in: 3 chunks of 16; out: 5 tiles of 16
-    a, b, scales, _ = _adapters(rng, num_adapters, in_dim, out_dim, 16, dtype)
+    a, b, scales, _ = random_adapters(rng, num_adapters, in_dim, out_dim, 16, dtype)
     indices = rng.integers(-1, num_adapters, num_tokens)
     indices[0] = num_adapters - 1
     x, y = _activations(rng, num_tokens, in_dim, out_dim, dtype, indices < 0)
@@ -121,7 +108,7 @@ def test_bgmv_one_adapter_many_tokens_and_k_split():
     """70 tokens of one adapter span 5 blocks; in_dim 512 = 2 chunks of 256, split over
     programs because few blocks exist."""
     rng = _rng()
-    a, b, scales, _ = _adapters(rng, 3, 512, 32, 32, jnp.float32)
+    a, b, scales, _ = random_adapters(rng, 3, 512, 32, 32, jnp.float32)
     indices = jnp.full((70,), 2, jnp.int32)
     x, y = _activations(rng, 70, 512, 32, jnp.float32, np.zeros(70, bool))
     expected = bgmv_reference(y, x, a, b, indices, scales)
@@ -133,7 +120,7 @@ def test_bgmv_one_adapter_many_tokens_and_k_split():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_bgmv_xla_matches_reference(dtype):
     rng = _rng()
-    a, b, scales, _ = _adapters(rng, 9, 40, 24, 8, dtype)
+    a, b, scales, _ = random_adapters(rng, 9, 40, 24, 8, dtype)
     indices = rng.integers(-1, 9, 33)
     x, y = _activations(rng, 33, 40, 24, dtype, np.zeros(33, bool))
     indices = jnp.asarray(indices, jnp.int32)
@@ -149,7 +136,7 @@ def test_bgmv_xla_matches_reference(dtype):
 def test_sgmv_pallas_matches_reference(dtype):
     rng = _rng()
     num_tokens, in_dim, out_dim, num_adapters = 90, 48, 80, 7
-    a, b, scales, _ = _adapters(rng, num_adapters, in_dim, out_dim, 32, dtype)
+    a, b, scales, _ = random_adapters(rng, num_adapters, in_dim, out_dim, 32, dtype)
     # Uneven segments: 1 token, empty, 40 (crosses blocks of 16), adapter -1, 17, tokens 83..
     # past the end stay unchanged.
     starts = [0, 1, 1, 41, 50, 67, 83]
@@ -168,7 +155,7 @@ def test_sgmv_pallas_matches_reference(dtype):
 
 def test_sgmv_xla_and_default_blocks_match_reference():
     rng = _rng()
-    a, b, scales, _ = _adapters(rng, 4, 64, 48, 16, jnp.float32)
+    a, b, scales, _ = random_adapters(rng, 4, 64, 48, 16, jnp.float32)
     starts, adapters = [0, 50, 53, 99], [1, 3, 0]
     seg_indices = _segments_to_indices(starts, adapters, 101)
     x, y = _activations(rng, 101, 64, 48, jnp.float32, seg_indices < 0)
@@ -184,7 +171,7 @@ def test_sgmv_xla_and_default_blocks_match_reference():
 
 def test_dispatch_on_cpu_uses_reference_and_validates():
     rng = _rng()
-    a, b, scales, _ = _adapters(rng, 3, 32, 32, 8, jnp.float32)
+    a, b, scales, _ = random_adapters(rng, 3, 32, 32, 8, jnp.float32)
     x, y = _activations(rng, 5, 32, 32, jnp.float32, np.zeros(5, bool))
     indices = jnp.asarray([0, -1, 2, 1, 2], jnp.int32)
     # Same reference math, jitted vs eager: only XLA's fusion choices differ.
@@ -195,7 +182,7 @@ def test_dispatch_on_cpu_uses_reference_and_validates():
         bgmv(y, x, a, b, indices, scales, implementation="triton")
     with pytest.raises(ValueError, match="max_rank"):  # rank 8 < 16 cannot feed a Triton dot
         bgmv(y, x, a, b, indices, scales, implementation="pallas_interpret")
-    a16, b16, scales16, _ = _adapters(rng, 3, 32, 32, 16, jnp.float32)
+    a16, b16, scales16, _ = random_adapters(rng, 3, 32, 32, 16, jnp.float32)
     with pytest.raises(ValueError, match="block_tokens"):
         bgmv(y, x, a16, b16, indices, scales16, implementation="pallas_interpret",
              block_tokens=8)

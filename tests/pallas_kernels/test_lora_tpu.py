@@ -14,15 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lora_inputs import random_adapters
+from tpu_interpreter import assert_no_races
 
 from pallas_kernels import lora_tpu
 from pallas_kernels.lora import bgmv, bgmv_reference, sgmv, sgmv_reference
 from pallas_kernels.lora_tpu import bgmv_tpu, sgmv_tpu
-
-try:  # private: where the interpreter records what its race detector saw
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpreter
-except ImportError:  # pragma: no cover - layout of a future jax
-    _interpreter = None
 
 # fp32: same fp32 math as the reference (dots at HIGHEST), another summation order.
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -34,19 +31,6 @@ _seed = itertools.count(int(np.random.SeedSequence().entropy % (2**31)))
 
 def _rng():
     return np.random.default_rng(next(_seed))
-
-
-def _adapters(rng, num_adapters, in_dim, out_dim, max_rank, dtype):
-    """Stacked adapters of random ranks in [1, max_rank], zero-padded to max_rank."""
-    ranks = rng.integers(1, max_rank + 1, num_adapters)
-    ranks[0] = max_rank
-    a = rng.standard_normal((num_adapters, in_dim, max_rank)) / np.sqrt(in_dim)
-    b = rng.standard_normal((num_adapters, max_rank, out_dim)) / np.sqrt(max_rank)
-    for i, r in enumerate(ranks):
-        a[i, :, r:] = 0.0
-        b[i, r:, :] = 0.0
-    scales = rng.uniform(0.25, 2.0, num_adapters)
-    return jnp.asarray(a, dtype), jnp.asarray(b, dtype), jnp.asarray(scales, jnp.float32)
 
 
 def _activations(rng, in_dim, out_dim, dtype, dead_rows):
@@ -71,8 +55,7 @@ def _check(out, expected, y, dead_rows, dtype):
     tol = FP32_TOL if dtype == jnp.float32 else BF16_TOL
     np.testing.assert_allclose(actual, np.asarray(expected.astype(jnp.float32)), **tol)
     np.testing.assert_array_equal(np.asarray(out)[dead_rows], np.asarray(y)[dead_rows])
-    if _interpreter is not None and getattr(_interpreter, "races", None) is not None:
-        assert not _interpreter.races.races_found, "the interpreter saw a DMA/compute race"
+    assert_no_races()
 
 
 # ----------------------------------------------------------------------------- bgmv
@@ -87,7 +70,7 @@ def _check(out, expected, y, dead_rows, dtype):
 def test_bgmv_matches_reference(dtype, num_tokens, num_adapters, block):
     rng = _rng()
     in_dim, out_dim = 256, 128
-    a, b, scales = _adapters(rng, num_adapters, in_dim, out_dim, 16, dtype)
+    a, b, scales, _ = random_adapters(rng, num_adapters, in_dim, out_dim, 16, dtype)
     indices = rng.integers(-1, num_adapters, num_tokens)
     indices[0] = num_adapters - 1
     x, y = _activations(rng, in_dim, out_dim, dtype, indices < 0)
@@ -99,7 +82,7 @@ def test_bgmv_matches_reference(dtype, num_tokens, num_adapters, block):
 def test_bgmv_no_live_token_leaves_y_unchanged():
     """Every index -1 or out of range: no visit is live, yet tile 0 is written back."""
     rng = _rng()
-    a, b, scales = _adapters(rng, 4, 128, 128, 16, jnp.float32)
+    a, b, scales, _ = random_adapters(rng, 4, 128, 128, 16, jnp.float32)
     indices = jnp.asarray(rng.choice([-1, 4, 99], 21), jnp.int32)
     x, y = _activations(rng, 128, 128, jnp.float32, np.ones(21, bool))
     out = bgmv_tpu(y, x, a, b, indices, scales, block_tokens=8, interpret=True)
@@ -112,7 +95,7 @@ def test_in_dim_chunks_and_out_lane_chunks(monkeypatch):
     monkeypatch.setattr(lora_tpu, "_MAX_BLOCK_K", 128)
     assert lora_tpu._lane_divisor(640, lora_tpu._LANE_CHUNK) == 128
     rng = _rng()
-    a, b, scales = _adapters(rng, 6, 384, 640, 32, jnp.float32)
+    a, b, scales, _ = random_adapters(rng, 6, 384, 640, 32, jnp.float32)
     indices = rng.integers(-1, 6, 29)
     x, y = _activations(rng, 384, 640, jnp.float32, indices < 0)
     indices = jnp.asarray(indices, jnp.int32)
@@ -131,7 +114,7 @@ def test_sgmv_matches_reference(dtype):
     updated as the reference says."""
     rng = _rng()
     num_tokens, in_dim, out_dim, num_adapters = 90, 128, 256, 7
-    a, b, scales = _adapters(rng, num_adapters, in_dim, out_dim, 64, dtype)
+    a, b, scales, _ = random_adapters(rng, num_adapters, in_dim, out_dim, 64, dtype)
     starts = [3, 4, 4, 42, 50, 67, 83, 86]
     adapters = [4, 2, 6, -1, 0, 6, 7]
     indices = _segments_to_indices(starts, adapters, num_tokens)
@@ -145,7 +128,7 @@ def test_sgmv_matches_reference(dtype):
 def test_sgmv_few_long_segments_default_tiles():
     """Two adapters over 300 tokens with the default 128-row tiles (300 does not divide)."""
     rng = _rng()
-    a, b, scales = _adapters(rng, 3, 128, 128, 16, jnp.bfloat16)
+    a, b, scales, _ = random_adapters(rng, 3, 128, 128, 16, jnp.bfloat16)
     starts, adapters = [0, 170, 300], [2, 0]
     x, y = _activations(rng, 128, 128, jnp.bfloat16, np.zeros(300, bool))
     starts, adapters = jnp.asarray(starts, jnp.int32), jnp.asarray(adapters, jnp.int32)
@@ -189,7 +172,7 @@ def test_entry_points_route_pallas_tpu_interpret():
     jaxpr, and the result is bit-identical), accept ranks the Triton path refuses (8), and
     validate block_tokens; "pallas_tpu" traces to the same kernel."""
     rng = _rng()
-    a, b, scales = _adapters(rng, 3, 128, 128, 8, jnp.float32)
+    a, b, scales, _ = random_adapters(rng, 3, 128, 128, 8, jnp.float32)
     indices = jnp.asarray([0, -1, 2, 1, 2], jnp.int32)
     x, y = _activations(rng, 128, 128, jnp.float32, np.asarray(indices) < 0)
     starts, adapters = jnp.asarray([0, 2, 5], jnp.int32), jnp.asarray([1, 2], jnp.int32)

@@ -15,14 +15,10 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 from paged_cache import poisoned_cache
+from tpu_interpreter import assert_no_races
 
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu
-
-try:  # private: where the interpreter records what its race detector saw
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpreter
-except ImportError:  # pragma: no cover - layout of a future jax
-    _interpreter = None
 
 # fp32: both sides compute in fp32 (the kernel's dots at HIGHEST precision) and differ only in
 # summation order (online softmax over blocks vs one dense softmax): ~1e-6 observed.
@@ -47,8 +43,7 @@ def _check(q, k, v, table, lengths, tol, **kwargs):
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all(), "a masked (NaN) slot or page leaked into the output"
     np.testing.assert_allclose(out, np.asarray(ref, np.float32), **tol)
-    if _interpreter is not None and _interpreter.races is not None:
-        assert not _interpreter.races.races_found, "the interpreter saw a DMA/compute race"
+    assert_no_races()
     return out
 
 

@@ -15,14 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from paged_cache import poisoned_cache
+from tpu_interpreter import assert_no_races
 
-from pallas_kernels.paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.paged_attention import (
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+)
 from pallas_kernels.ragged_paged_attention_tpu import ragged_paged_attention_tpu
-
-try:  # private: where the interpreter records what its race detector saw
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as _interpreter
-except ImportError:  # pragma: no cover - layout of a future jax
-    _interpreter = None
 
 # fp32: both sides compute in fp32 (the kernel's dots at HIGHEST precision) and differ only in
 # summation order (online softmax over K/V blocks vs one dense softmax): ~1e-6 observed.
@@ -64,8 +63,7 @@ def _check(args, tol, **kwargs):
     assert np.isfinite(out).all(), "a masked (NaN) slot, page or query row leaked into the output"
     np.testing.assert_allclose(out, np.asarray(ref, np.float32), **tol)
     np.testing.assert_array_equal(out[int(cu[-1]):], 0.0)  # padding rows -> zeros
-    if _interpreter is not None and _interpreter.races is not None:
-        assert not _interpreter.races.races_found, "the interpreter saw a DMA/compute race"
+    assert_no_races()
     return out
 
 

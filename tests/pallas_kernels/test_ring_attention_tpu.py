@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+from tpu_interpreter import assert_no_races
 
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.ring_attention_tpu import ring_attention_jnp, ring_attention_tpu
@@ -38,18 +39,6 @@ def _random_qkv(batch, seq_len, q_heads, kv_heads, head_dim, dtype=jnp.float32):
     k = jax.random.normal(kk, (batch, seq_len, kv_heads, head_dim), jnp.float32)
     v = jax.random.normal(kv, (batch, seq_len, kv_heads, head_dim), jnp.float32)
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
-
-
-def _races_found():
-    """The interpreter's race verdict for the last kernel, if this jax exposes it."""
-    try:
-        from jax._src.pallas.mosaic.interpret import (
-            interpret_pallas_call as interpreter,
-        )
-    except ImportError:
-        return None
-    races = getattr(interpreter, "races", None)
-    return None if races is None else races.races_found
 
 
 def _sharded(fn, mesh, seq_axis="sp", batch_axis=None):
@@ -77,7 +66,7 @@ def _assert_matches(got, want, tol):
     )
     np.testing.assert_allclose(lse, ref_lse, **tol)
     np.testing.assert_allclose(out, ref_out, **tol)
-    assert _races_found() is not True, "the interpreter's race detector fired"
+    assert_no_races()
 
 
 @pytest.mark.parametrize(
