@@ -285,7 +285,7 @@ def test_rejects_blocks_off_the_sublane_tile():
         flash_attention_tpu(q, k, v, block_q=12, interpret=True)
 
 
-def test_dispatch_opt_in():
+def test_dispatch_routes_to_tpu_kernel():
     from pallas_kernels.flash_attention import (
         choose_implementation,
         flash_attention,

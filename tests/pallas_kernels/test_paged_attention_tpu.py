@@ -127,9 +127,9 @@ def test_rejects_mismatched_shapes():
                             interpret=True)
 
 
-def test_dispatch_opt_in():
-    # `paged_attention` reaches this kernel only when asked by name; its scale default and
-    # pages_per_block pass through.
+def test_dispatch_routes_to_tpu_kernel():
+    # `paged_attention` reaches this kernel by name (and by default on a TPU); its scale
+    # default and pages_per_block pass through.
     rng = _rng()
     lengths = [21, 0, 9]
     k, v, table, lens = poisoned_cache(rng, lengths, 8, 4, 2, HEAD_DIM, jnp.float32)
