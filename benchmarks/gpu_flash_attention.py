@@ -32,6 +32,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+from device_guard import require_backend  # noqa: E402
 from timing import median_ms  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -353,10 +354,7 @@ def main():
         torch_child(args.torch_child, dry_run, cell_budget)
         return
 
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}", flush=True)
-    if not dry_run and jax.default_backend() != "gpu":
-        print("no GPU: use --dry-run on CPU", flush=True)
-        sys.exit(2)
+    require_backend("gpu", dry_run)
     check_correctness(dry_run)
 
     shapes = DRY_SHAPES if dry_run else GPU_SHAPES

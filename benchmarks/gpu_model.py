@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from device_guard import require_backend  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jvila.config import LLMConfig  # noqa: E402
@@ -88,10 +88,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}", flush=True)
-    if not args.dry_run and jax.default_backend() != "gpu":
-        print("no GPU: use --dry-run on CPU", flush=True)
-        sys.exit(2)
+    require_backend("gpu", args.dry_run)
     cfg = DRY_CFG if args.dry_run else GPU_CFG
     kernels = KernelAttention("pallas_interpret") if args.dry_run else KernelAttention()
     ok = True

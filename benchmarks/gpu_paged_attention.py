@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+from device_guard import require_backend  # noqa: E402
 from timing import median_ms  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -173,11 +174,7 @@ def main():
     args = parser.parse_args()
     dry_run = args.dry_run
     started = time.perf_counter()
-    print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}",
-          flush=True)
-    if not dry_run and jax.default_backend() != "gpu":
-        print("no GPU: use --dry-run on CPU", flush=True)
-        sys.exit(2)
+    require_backend("gpu", dry_run)
     cfg = DRY if dry_run else GPU
     cell_budget = 0.05 if dry_run else 0.3
     check_correctness(cfg, interpret=dry_run)
