@@ -179,26 +179,35 @@ def online_softmax_result(carry):
     return acc / jnp.where(l == 0.0, 1.0, l)
 
 
-def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, *,
-                   sm_scale, page_size, pages_per_block, pages_per_seq, head_dim):
-    seq = pl.program_id(0)
-    kv_head = pl.program_id(1)
-    length = lengths_ref[seq]
+def attend_pages(q, key_end, pools, *, table_ref, table_offset, pages_per_seq, kv_head, sm_scale,
+                 row_positions=None):
+    """fp32 attention of q [rows, d] over one sequence's keys [0, key_end), read page by page.
+
+    `pools` = (k_hbm, v_hbm, k_buf, v_buf, sems) as the kernels receive them. Only the pages
+    holding keys below `key_end` are copied, block by block into the two-slot buffer, the next
+    block in flight while one is computed. `row_positions` = (first_pos, block_q) adds a causal
+    bound: row r is the query at position first_pos + r % block_q (ragged tiles); None lets
+    every row see every key below `key_end` (decode).
+    """
+    k_hbm, v_hbm, k_buf, v_buf, sems = pools
+    pages_per_block, page_size, head_dim = k_buf.shape[1:]
+    rows = q.shape[0]
     # lax.div/rem (truncating) rather than // and %: the operands are >= 0, and the floor
-    # variants add sign fix-ups whose lowering also asks for the chip generation, which
-    # lowering for TPU from a CPU host (the test) cannot supply.
-    used_pages = lax.div(length + page_size - 1, page_size)
+    # variants add sign fix-ups whose lowering asks for the chip generation.
+    used_pages = lax.div(key_end + page_size - 1, page_size)
     num_blocks = lax.div(used_pages + pages_per_block - 1, pages_per_block)
     tokens_per_block = pages_per_block * page_size
-    pages = PageDMAs(table_ref, seq * pages_per_seq, pages_per_seq, used_pages, k_hbm, v_hbm,
-                     k_buf, v_buf, sems, kv_head)
+    pages = PageDMAs(table_ref, table_offset, pages_per_seq, used_pages, k_hbm, v_hbm, k_buf, v_buf,
+                     sems, kv_head)
 
     @pl.when(num_blocks > 0)
     def _():
         pages.start(0, 0)
 
-    q = q_ref[...]
-    group = q.shape[0]
+    if row_positions is not None:
+        first_pos, block_q = row_positions
+        row_pos = first_pos + lax.rem(lax.broadcasted_iota(jnp.int32, (rows, tokens_per_block), 0),
+                                      block_q)
 
     def body(block, carry):
         slot = lax.rem(block, 2)
@@ -209,12 +218,24 @@ def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_
 
         pages.wait(block, slot)
         first_key = block * tokens_per_block
-        key_pos = first_key + lax.broadcasted_iota(jnp.int32, (group, tokens_per_block), 1)
-        return online_softmax_step(q, k_buf[slot], v_buf[slot], key_pos < length, first_key, length,
-                                   carry, sm_scale=sm_scale)
+        key_pos = first_key + lax.broadcasted_iota(jnp.int32, (rows, tokens_per_block), 1)
+        visible = key_pos < key_end
+        if row_positions is not None:
+            visible &= key_pos <= row_pos
+        return online_softmax_step(q, k_buf[slot], v_buf[slot], visible, first_key, key_end, carry,
+                                   sm_scale=sm_scale)
 
-    carry = lax.fori_loop(0, num_blocks, body, online_softmax_init(group, head_dim))
-    o_ref[...] = online_softmax_result(carry).astype(o_ref.dtype)
+    carry = lax.fori_loop(0, num_blocks, body, online_softmax_init(rows, head_dim))
+    return online_softmax_result(carry)
+
+
+def _decode_kernel(table_ref, lengths_ref, q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, *,
+                   sm_scale, pages_per_seq):
+    seq = pl.program_id(0)
+    out = attend_pages(q_ref[...], lengths_ref[seq], (k_hbm, v_hbm, k_buf, v_buf, sems),
+                       table_ref=table_ref, table_offset=seq * pages_per_seq,
+                       pages_per_seq=pages_per_seq, kv_head=pl.program_id(1), sm_scale=sm_scale)
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "interpret"))
@@ -250,9 +271,7 @@ def paged_attention_tpu(q, k_pages, v_pages, page_table, lengths, *, sm_scale=No
     qg = pack_heads(q.reshape(num_seqs, kv_heads, group, head_dim), packing)
     kv_heads, group, head_dim = kv_heads // packing, group * packing, head_dim * packing
 
-    kernel = functools.partial(_decode_kernel, sm_scale=scale, page_size=page_size,
-                               pages_per_block=pages_per_block, pages_per_seq=pages_per_seq,
-                               head_dim=head_dim)
+    kernel = functools.partial(_decode_kernel, sm_scale=scale, pages_per_seq=pages_per_seq)
     # q/out blocks are [group, d]: group (1-8 here) is the full dim, which Mosaic accepts and
     # pads to a sublane tile; d = 128 fills the lanes.
     row_spec = pl.BlockSpec((None, None, group, head_dim), lambda s, h, *_: (s, h, 0, 0))

@@ -16,7 +16,7 @@ Layout on the chip:
     plain 2-D matrix for the MXU; Pallas pipelines these tiles in and out;
   - the grid is (query block, kv head); the K/V pools stay in HBM (`pl.ANY`) and each program
     copies only the pages below its causal bound, one page per DMA, into a two-slot VMEM buffer
-    shared with the decode kernel (`PageDMAs`): while a K/V block is computed, the next one is
+    shared with the decode kernel (`attend_pages`): while a K/V block is computed, the next one is
     in flight. A decode row therefore reads its whole context, a prefill block only the prefix
     its last query sees;
   - an fp32 online softmax runs over K/V blocks of `pages_per_block` pages.
@@ -32,7 +32,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -40,11 +39,8 @@ from pallas_kernels._triton import blocks_over_segments, next_pow2
 from pallas_kernels._mosaic_tpu import CompilerParams, interpret_params
 from pallas_kernels.paged_attention_tpu import (
     _DEFAULT_TOKENS_PER_BLOCK,
-    PageDMAs,
+    attend_pages,
     heads_per_window,
-    online_softmax_init,
-    online_softmax_result,
-    online_softmax_step,
     pack_heads,
     unpack_heads,
 )
@@ -108,46 +104,16 @@ def _scatter_tiles(tiles, sched, cu_q_lens, block_q, q_shape):
 
 def _ragged_kernel(table_ref, seq_ref, rows_ref, first_pos_ref, key_end_ref,
                    q_ref, k_hbm, v_hbm, o_ref, k_buf, v_buf, sems, *,
-                   sm_scale, block_q, page_size, pages_per_block, pages_per_seq, head_dim):
+                   sm_scale, block_q, pages_per_seq):
     block = pl.program_id(0)
-    kv_head = pl.program_id(1)
     seq = seq_ref[block]
-    first_pos = first_pos_ref[block]
-    key_end = key_end_ref[block]
-    # lax.div/rem on non-negative values: // and % lower to sign fix-ups that need chip info.
-    used_pages = lax.div(key_end + page_size - 1, page_size)
-    num_kv_blocks = lax.div(used_pages + pages_per_block - 1, pages_per_block)
-    tokens_per_block = pages_per_block * page_size
-    pages = PageDMAs(table_ref, seq * pages_per_seq, pages_per_seq, used_pages, k_hbm, v_hbm,
-                     k_buf, v_buf, sems, kv_head)
-
-    @pl.when(num_kv_blocks > 0)
-    def _():
-        pages.start(0, 0)
-
-    q = q_ref[...]
-    num_rows = q.shape[0]
     # Row r of the tile is query head r // block_q of the group, token r % block_q of the block.
     # Dead rows (token >= rows) hold zeros and compute finite values the scatter drops.
-    row_token = lax.rem(lax.broadcasted_iota(jnp.int32, (num_rows, tokens_per_block), 0), block_q)
-    row_pos = first_pos + row_token
-
-    def body(kv_block, carry):
-        slot = lax.rem(kv_block, 2)
-
-        @pl.when(kv_block + 1 < num_kv_blocks)
-        def _():
-            pages.start(kv_block + 1, 1 - slot)
-
-        pages.wait(kv_block, slot)
-        first_key = kv_block * tokens_per_block
-        key_pos = first_key + lax.broadcasted_iota(jnp.int32, (num_rows, tokens_per_block), 1)
-        visible = (key_pos < key_end) & (key_pos <= row_pos)
-        return online_softmax_step(q, k_buf[slot], v_buf[slot], visible, first_key, key_end, carry,
-                                   sm_scale=sm_scale)
-
-    carry = lax.fori_loop(0, num_kv_blocks, body, online_softmax_init(num_rows, head_dim))
-    o_ref[...] = online_softmax_result(carry).astype(o_ref.dtype)
+    out = attend_pages(q_ref[...], key_end_ref[block], (k_hbm, v_hbm, k_buf, v_buf, sems),
+                       table_ref=table_ref, table_offset=seq * pages_per_seq,
+                       pages_per_seq=pages_per_seq, kv_head=pl.program_id(1), sm_scale=sm_scale,
+                       row_positions=(first_pos_ref[block], block_q))
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -208,8 +174,7 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, page_table, kv_lengths, cu_q
     kv_heads, group, head_dim = kv_heads // packing, group * packing, head_dim * packing
 
     kernel = functools.partial(_ragged_kernel, sm_scale=scale, block_q=block_q,
-                               page_size=page_size, pages_per_block=pages_per_block,
-                               pages_per_seq=pages_per_seq, head_dim=head_dim)
+                               pages_per_seq=pages_per_seq)
     # q/out tiles are the full [group * block_q, d] trailing dims, which Mosaic accepts for any
     # row count (padded to a sublane tile); d = 128 fills the lanes.
     tile_spec = pl.BlockSpec((None, None, group * block_q, head_dim), lambda b, h, *_: (b, h, 0, 0))
