@@ -107,25 +107,30 @@ def _first_visible_q_block(kv_block, shift, cfg):
     return lax.div(jnp.maximum(first_row, 0), cfg.block_q)
 
 
-def _visibility(q_rows, kv_cols, q_seg, kv_seg, shift, cfg):
-    """Mask of one score tile in either orientation, or None when all is visible.
+def _masked_scores(a, b, q_block, kv_block, q_seg_ref, kv_seg_ref, shift, cfg, *, kv_major=False):
+    """Scaled scores ``a @ b.T`` of one tile with invisible entries at -inf.
 
-    ``q_rows``/``kv_cols`` are absolute positions and ``q_seg``/``kv_seg`` the
-    segment-id blocks, shaped to broadcast against each other (a column
-    against a row), so the same code masks ``S`` and ``S^T``.
+    ``a, b = q, k`` gives ``S`` [block_q, block_k]; ``a, b = k, q`` with
+    ``kv_major`` gives ``S^T`` [block_k, block_q]. The segment-id blocks come
+    shaped to broadcast against each other (a column against a row) in the
+    tile's orientation, so the same mask code serves both.
     """
+    scores = _matmul_nt(a, b) * cfg.sm_scale
+    q_axis, kv_axis = (1, 0) if kv_major else (0, 1)
+    q_pos = q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, scores.shape, q_axis)
+    kv_pos = kv_block * cfg.block_k + lax.broadcasted_iota(jnp.int32, scores.shape, kv_axis)
     mask = None
 
-    def both(a, b):
-        return b if a is None else a & b
+    def both(mask, more):
+        return more if mask is None else mask & more
 
     if cfg.causal:
-        mask = both(mask, kv_cols <= q_rows + shift)
+        mask = both(mask, kv_pos <= q_pos + shift)
     if cfg.padded_kv_len != cfg.kv_len:
-        mask = both(mask, kv_cols < cfg.kv_len)
+        mask = both(mask, kv_pos < cfg.kv_len)
     if cfg.has_segments:
-        mask = both(mask, q_seg == kv_seg)
-    return mask
+        mask = both(mask, q_seg_ref[...] == kv_seg_ref[...])
+    return scores if mask is None else jnp.where(mask, scores, -jnp.inf)
 
 
 def _matmul_nt(a, b):  # a @ b.T on the MXU, fp32 accumulation
@@ -170,20 +175,10 @@ def _forward_kernel(*refs, cfg: _Config):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def _accumulate():
-        q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        scores = _matmul_nt(q, k) * cfg.sm_scale
-        shape = scores.shape
-        mask = _visibility(
-            q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, shape, 0),
-            kv_block * cfg.block_k + lax.broadcasted_iota(jnp.int32, shape, 1),
-            # [block_q, 1] vs [1, block_k]: broadcasts without a transpose.
-            None if q_seg_ref is None else q_seg_ref[...],
-            None if kv_seg_ref is None else kv_seg_ref[...],
-            shift,
-            cfg,
-        )
-        if mask is not None:
-            scores = jnp.where(mask, scores, -jnp.inf)
+        v = v_ref[...]
+        # Segment ids: [block_q, 1] vs [1, block_k], broadcast without a transpose.
+        scores = _masked_scores(q_ref[...], k_ref[...], q_block, kv_block, q_seg_ref, kv_seg_ref,
+                                shift, cfg)
 
         m_prev = m_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
@@ -237,18 +232,7 @@ def _dq_kernel(*refs, cfg: _Config):
 
     def _accumulate():
         k = k_ref[...]
-        scores = _matmul_nt(q_ref[...], k) * cfg.sm_scale  # [block_q, block_k]
-        shape = scores.shape
-        mask = _visibility(
-            q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, shape, 0),
-            kv_block * cfg.block_k + lax.broadcasted_iota(jnp.int32, shape, 1),
-            None if q_seg_ref is None else q_seg_ref[...],
-            None if kv_seg_ref is None else kv_seg_ref[...],
-            shift,
-            cfg,
-        )
-        if mask is not None:
-            scores = jnp.where(mask, scores, -jnp.inf)
+        scores = _masked_scores(q_ref[...], k, q_block, kv_block, q_seg_ref, kv_seg_ref, shift, cfg)
         probs = jnp.exp(scores - lse_column_ref[...][:, :1])
         d_probs = _matmul_nt(do_ref[...], v_ref[...])
         d_scores = probs * (d_probs - delta_column_ref[...][:, :1])
@@ -281,20 +265,10 @@ def _dkv_kernel(*refs, cfg: _Config):
 
     def _accumulate():
         q, d_out = q_ref[...], do_ref[...]
-        # Transposed scores [block_k, block_q]: kv positions down, q across.
-        scores_t = _matmul_nt(k_ref[...], q) * cfg.sm_scale
-        shape = scores_t.shape
-        mask = _visibility(
-            q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, shape, 1),
-            kv_block * cfg.block_k + lax.broadcasted_iota(jnp.int32, shape, 0),
-            # [1, block_q] vs [block_k, 1].
-            None if q_seg_ref is None else q_seg_ref[...],
-            None if kv_seg_ref is None else kv_seg_ref[...],
-            shift,
-            cfg,
-        )
-        if mask is not None:
-            scores_t = jnp.where(mask, scores_t, -jnp.inf)
+        # Transposed scores [block_k, block_q]: kv positions down, q across; segment ids
+        # [1, block_q] vs [block_k, 1].
+        scores_t = _masked_scores(k_ref[...], q, q_block, kv_block, q_seg_ref, kv_seg_ref, shift,
+                                  cfg, kv_major=True)
         probs_t = jnp.exp(scores_t - lse_ref[...])  # lse row [1, block_q]
         dv_acc_ref[...] += _matmul_nn(probs_t.astype(d_out.dtype), d_out)
         d_probs_t = _matmul_nt(v_ref[...], d_out)
