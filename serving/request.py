@@ -85,3 +85,6 @@ class RequestOutput:
     finish_reason: FinishReason | None = None  # set on the request's last output
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # so far, including these
+    # Set only on the last output of a request ended by a stop string: its whole output text (all
+    # its tokens detokenized together), cut before the first match. The tokens are not cut.
+    text: str | None = None
