@@ -2,7 +2,9 @@
 LCF without the lift breaking the bound after an idle period, weights honoured."""
 
 import dataclasses
+import importlib.util
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +120,14 @@ def test_kv_memory_check_matches_the_artifact_rule():
         agreed += 1
         refused += not want
     assert 10 < refused < 290  # both answers were exercised
+
+
+def test_the_benchmark_prints_one_row_per_case_and_scheduler(capsys):
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "vtc_fairness.py"
+    spec = importlib.util.spec_from_file_location("vtc_fairness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--duration", "40", "--cases", "overload", "weighted"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("overload", "weighted"))]
+    assert [(r[0], r[1]) for r in rows] == [(c, s) for c in ("overload", "weighted") for s in module.SCHEDULERS]
+    assert all(r[5] == "yes" for r in rows if r[1] == "vtc")
