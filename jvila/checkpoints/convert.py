@@ -1,4 +1,4 @@
-"""`jvila convert`: GGUF or Hugging Face directory → jvila Orbax checkpoint, and back to HF."""
+"""`jvila convert`: GGUF, Hugging Face or NVILA directory → jvila Orbax checkpoint, and back."""
 
 from __future__ import annotations
 
@@ -47,15 +47,32 @@ def hf_to_params(ckpt: HFCheckpoint) -> tuple[LLMConfig, dict[str, np.ndarray]]:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False) -> str:
     """Convert SRC into DST; returns a one-line description of what was written.
 
-    A jvila checkpoint SRC becomes an HF directory; anything else (GGUF, HF directory) becomes a
-    jvila checkpoint. Tensor dtypes are kept (GGUF's quantized tensors become float32).
+    A jvila checkpoint SRC becomes an HF directory (an NVILA directory for an NVILA model);
+    anything else (GGUF, HF or NVILA directory) becomes a jvila checkpoint. Tensor dtypes are kept
+    (GGUF's quantized tensors become float32).
     """
     from jvila.checkpoints.hf_dir import write_hf_dir
+    from jvila.checkpoints.nvila_dir import (
+        is_nvila_dir,
+        nvila_to_params,
+        params_to_nvila,
+        read_nvila_dir,
+        write_nvila_dir,
+    )
+    from jvila.vision_config import NVILAConfig
 
     if Path(dst).exists() and not overwrite:
         raise CheckpointError(f"destination {dst} already exists; pass --overwrite to replace it")
+    if is_nvila_dir(src):
+        cfg, params, tokenizer_files = nvila_to_params(read_nvila_dir(src))
+        save_checkpoint(dst, cfg, params, tokenizer_files, overwrite=overwrite)
+        return (f"wrote jvila checkpoint {dst} (NVILA: {cfg.llm.family} {cfg.llm.num_layers} layers, SigLIP "
+                f"{cfg.vision.num_layers} layers, {cfg.projector_type}; {len(params)} tensors)")
     if is_jvila_checkpoint(src):
         cfg, params, tok_dir = load_checkpoint(src)
+        if isinstance(cfg, NVILAConfig):
+            write_nvila_dir(params_to_nvila(cfg, params, read_tokenizer_files(tok_dir)), dst, overwrite=overwrite)
+            return f"wrote NVILA directory {dst} ({cfg.llm.family}, {cfg.projector_type})"
         ckpt = HFCheckpoint(cfg.to_hf(), jvila_to_hf(params, cfg), read_tokenizer_files(tok_dir))
         write_hf_dir(ckpt, dst, overwrite=overwrite)
         return f"wrote Hugging Face directory {dst} ({cfg.family}, {cfg.num_layers} layers)"

@@ -1,7 +1,8 @@
 """The jvila checkpoint directory: Orbax params, the model config, and the tokenizer.
 
 Layout:
-    DIR/jvila_config.json   LLMConfig as JSON (what the params mean)
+    DIR/jvila_config.json   LLMConfig as JSON (what the params mean); an NVILA model's is
+                            {"kind": "nvila", "config": NVILAConfig as JSON}
     DIR/params/             Orbax PyTree checkpoint of the flat params, nested by dotted path
     DIR/tokenizer/          tokenizer.json, tokenizer_config.json, chat_template.jinja, ...
 """
@@ -18,18 +19,21 @@ import orbax.checkpoint as ocp
 from jvila.checkpoints.atomic import atomic_directory
 from jvila.checkpoints.errors import CheckpointError
 from jvila.config import LLMConfig
+from jvila.vision_config import NVILAConfig
 
 CONFIG_FILE = "jvila_config.json"
+NVILA_KIND = "nvila"
 
 
 def is_jvila_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def save_checkpoint(dst, cfg: LLMConfig, params: dict[str, np.ndarray], tokenizer_files: dict[str, str | bytes],
+def save_checkpoint(dst, cfg: LLMConfig | NVILAConfig, params: dict[str, np.ndarray], tokenizer_files: dict[str, str | bytes],
                     *, overwrite: bool = False) -> Path:
+    """Write `cfg` (an LLMConfig or an NVILAConfig), the flat params and the tokenizer files."""
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(_config_to_json(cfg), indent=2))
         checkpointer = ocp.PyTreeCheckpointer()
         checkpointer.save(tmp / "params", _nest(params))
         tok_dir = tmp / "tokenizer"
@@ -41,15 +45,25 @@ def save_checkpoint(dst, cfg: LLMConfig, params: dict[str, np.ndarray], tokenize
     return Path(dst)
 
 
-def load_checkpoint(src) -> tuple[LLMConfig, dict[str, np.ndarray], Path]:
-    """(config, flat params as host arrays, tokenizer directory)."""
+def load_checkpoint(src) -> tuple[LLMConfig | NVILAConfig, dict[str, np.ndarray], Path]:
+    """(config, flat params as host arrays, tokenizer directory); the config is an NVILAConfig for NVILA."""
     src = Path(src).absolute()
     if not is_jvila_checkpoint(src):
         raise CheckpointError(f"{src} is not a jvila checkpoint (no {CONFIG_FILE})")
-    cfg = LLMConfig.from_dict(json.loads((src / CONFIG_FILE).read_text()))
+    cfg = _config_from_json(json.loads((src / CONFIG_FILE).read_text()))
     restored = ocp.PyTreeCheckpointer().restore(src / "params")
     params = {name: np.asarray(value) for name, value in _flatten(restored).items()}
     return cfg, params, src / "tokenizer"
+
+
+def _config_to_json(cfg: LLMConfig | NVILAConfig) -> dict:
+    return {"kind": NVILA_KIND, "config": cfg.to_dict()} if isinstance(cfg, NVILAConfig) else cfg.to_dict()
+
+
+def _config_from_json(d: dict) -> LLMConfig | NVILAConfig:
+    if d.get("kind") == NVILA_KIND:
+        return NVILAConfig.from_dict(d["config"])
+    return LLMConfig.from_dict(d)
 
 
 def read_tokenizer_files(tok_dir: Path) -> dict[str, bytes]:
