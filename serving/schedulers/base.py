@@ -10,7 +10,9 @@ The engine drives a scheduler with five calls:
 - `on_decode(requests)` after each step, one entry per new token (the first output token, made
   by the prompt's last chunk, included: a request's total cost is then w_p·input + w_q·output);
 - `on_finish(request, num_output_tokens)` once when an admitted request leaves for good (finished
-  or aborted, running or requeued); a request never admitted is ignored;
+  or aborted, running or requeued); a request never admitted is ignored. Tokens on_decode has not
+  reported yet are charged here, so the engine may end a request before or after reporting its
+  step's tokens: each output token is charged exactly once either way;
 - `requeue(request)` when the engine preempts a running request: it goes back to the front of
   its queue and, re-admitted later, is not charged its prompt again (the recomputation is the
   engine's doing, not the client's). Preempting several at once, requeue the newest first so
@@ -193,21 +195,25 @@ class Scheduler(abc.ABC):
         return admitted
 
     def on_decode(self, requests: list[Request]) -> None:
+        """Charge one output token per entry. Requests no longer running are skipped: when the
+        engine ends a request before reporting its step's tokens, on_finish has settled them."""
         for request in requests:
             state = self._running.get(request.request_id)
-            if state is None:
-                raise ValueError(f"request {request.request_id!r} made a token but is not running")
-            state.num_output += 1
-            cost = (self.cost.output(state.num_input, state.num_output)
-                    - self.cost.output(state.num_input, state.num_output - 1))
-            self._add_service(state.client, cost)
-            self._charge_output(state, cost)
+            if state is not None:
+                self._count_output(state)
 
     def on_finish(self, request: Request, num_output_tokens: int) -> None:
+        """Settle an admitted request: output tokens not yet charged are charged now, then the
+        policy's own settlement (length prediction refunds)."""
+        if num_output_tokens < 0:
+            raise ValueError(f"num_output_tokens must be non-negative, got {num_output_tokens}")
         rid = request.request_id
         state = self._running.pop(rid, None) or self._preempted.pop(rid, None)
-        if state is not None:
-            self._settle(state, num_output_tokens)
+        if state is None:
+            return
+        while state.num_output < num_output_tokens:
+            self._count_output(state)
+        self._settle(state, num_output_tokens)
 
     def requeue(self, request: Request) -> None:
         state = self._running.pop(request.request_id, None)
@@ -218,6 +224,13 @@ class Scheduler(abc.ABC):
         self._waiting[request.request_id] = request
 
     # ---- shared helpers ------------------------------------------------------------------------
+
+    def _count_output(self, state: Admitted) -> None:
+        state.num_output += 1
+        cost = (self.cost.output(state.num_input, state.num_output)
+                - self.cost.output(state.num_input, state.num_output - 1))
+        self._add_service(state.client, cost)
+        self._charge_output(state, cost)
 
     def _add_service(self, client: str, cost: float) -> None:
         self._service[client] = self._service.get(client, 0.0) + cost

@@ -106,8 +106,26 @@ def test_requeued_requests_go_first_in_their_queue_without_a_second_prompt_charg
     assert s.counters()["a"] == 8 + 3 * 2 and s.service()["a"] == 8 + 3 * 2
     with pytest.raises(ValueError, match="not running"):
         s.requeue(req("a1", "a", 8))
-    with pytest.raises(ValueError, match="not running"):
-        s.on_decode([req("a1", "a", 8)])
+
+
+@pytest.mark.parametrize("name", ["vtc", "vtc_predict", "fcfs"])
+def test_finishing_before_or_after_reporting_the_last_tokens_charges_the_same(name):
+    finish_first, decode_first = make_scheduler(name), make_scheduler(name)
+    for s in (finish_first, decode_first):
+        for i in range(3):
+            s.add(req(f"a{i}", "a", 6), 0.0)
+    for i, n_out in enumerate([5, 9, 2]):
+        r = req(f"a{i}", "a", 6)
+        for s in (finish_first, decode_first):
+            admit_n(s, 1)
+            s.on_decode([r] * (n_out - 1))
+        finish_first.on_finish(r, n_out)
+        finish_first.on_decode([r])  # the step's report comes after the request ended: already settled
+        decode_first.on_decode([r])
+        decode_first.on_finish(r, n_out)
+        assert finish_first.counters() == decode_first.counters()
+    assert finish_first.service()["a"] == 3 * 6 + 2 * (5 + 9 + 2)
+    assert finish_first.num_running == 0
 
 
 def test_weighted_vtc_gives_shares_in_proportion_to_weights():
