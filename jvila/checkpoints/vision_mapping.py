@@ -140,7 +140,7 @@ def projector_rules(projector_type: str, in_dim: int, out_dim: int) -> list[Rule
     """Rules of one projector type: its Sequential's linear and LayerNorm indices."""
     layers = projector_layers(projector_type, in_dim, out_dim)
     # VILA's "linear" projector is a bare nn.Linear named `layers`, not a Sequential.
-    bare = len(layers) == 1
+    bare = projector_type == "linear"
     rules = []
     for index, layer in enumerate(layers):
         hf = "layers" if bare else f"layers.{index}"
