@@ -151,6 +151,12 @@ class Scheduler(abc.ABC):
     def num_running(self) -> int:
         return len(self._running)
 
+    def waiting_by_client(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for request in self._waiting.values():
+            counts[request.client] = counts.get(request.client, 0) + 1
+        return counts
+
     def weight(self, client: str) -> float:
         return self._weights.get(client, 1.0)
 

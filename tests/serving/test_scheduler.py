@@ -46,7 +46,7 @@ def test_fcfs_admits_in_arrival_order_and_stops_at_the_first_misfit():
 
     assert [r.request_id for r in s.admit(fits, 5.0)] == ["r0", "r1"]
     assert offered == ["r0", "r1", "r2"]  # r3 would fit but waits behind r2 (as the artifact does)
-    assert s.num_waiting == 2
+    assert s.num_waiting == 2 and s.waiting_by_client() == {"a": 1, "b": 1}
     assert s.remove("r2").request_id == "r2" and s.remove("r2") is None
     assert admit_all(s) == ["r3"]
     # Preempted requests go back to the front, newest requeued first keeps their order.
