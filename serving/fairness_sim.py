@@ -108,7 +108,7 @@ class SimResult:
 
 
 @dataclasses.dataclass
-class _Running:
+class RunningRequest:
     request: Request
     made: int = 0  # output tokens so far
 
@@ -117,7 +117,7 @@ class _Running:
         return self.request.params.max_tokens - self.made
 
 
-def fits_kv_memory(running: list[_Running], candidate: Request, capacity: int) -> bool:
+def fits_kv_memory(running: list[RunningRequest], candidate: Request, capacity: int) -> bool:
     """S-LoRA's admission memory check (`_can_add_new_req`): with the requests sorted by remaining
     output, longest first, the i-th request finishing is the point of peak use; every point must fit."""
     entries = [(r.remaining - 1, len(r.request.prompt_ids) + r.made) for r in running]
@@ -179,7 +179,7 @@ def simulate(scheduler: str | Scheduler, workload: Workload, engine: EngineModel
     refused = {c: 0 for c in clients}
     done = {c: 0 for c in clients}
     tracker = BackloggedDifference(clients, workload.weights)
-    running: list[_Running] = []
+    running: list[RunningRequest] = []
     t, steps, tokens_done, idle_s, next_arrival = 0.0, 0, 0, 0.0, 0
 
     while t < workload.duration_s:
@@ -203,7 +203,7 @@ def simulate(scheduler: str | Scheduler, workload: Workload, engine: EngineModel
             t = arrivals[next_arrival][0]
             continue
 
-        new: list[_Running] = []
+        new: list[RunningRequest] = []
         budget = [engine.token_budget - len(running)]
 
         def fits(request: Request) -> bool:
@@ -212,7 +212,7 @@ def simulate(scheduler: str | Scheduler, workload: Workload, engine: EngineModel
             if not fits_kv_memory(running + new, request, engine.kv_capacity):
                 return False
             budget[0] -= len(request.prompt_ids)
-            new.append(_Running(request))
+            new.append(RunningRequest(request))
             return True
 
         for request in sched.admit(fits, t):

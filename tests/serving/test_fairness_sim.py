@@ -14,7 +14,7 @@ from serving.fairness_sim import (
     ClientLoad,
     EngineModel,
     Workload,
-    _Running,
+    RunningRequest,
     fairness_bound,
     fits_kv_memory,
     simulate,
@@ -105,7 +105,7 @@ def test_kv_memory_check_matches_the_artifact_rule():
         running = []
         for i in range(rng.randint(0, 8)):
             max_tokens = rng.randint(2, 60)
-            r = _Running(Request(f"r{i}", [1] * rng.randint(1, 50), SamplingParams(max_tokens=max_tokens)))
+            r = RunningRequest(Request(f"r{i}", [1] * rng.randint(1, 50), SamplingParams(max_tokens=max_tokens)))
             r.made = rng.randint(0, max_tokens - 1)
             running.append(r)
         cand = Request("c", [1] * rng.randint(1, 50), SamplingParams(max_tokens=rng.randint(1, 60)))
