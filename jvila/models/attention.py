@@ -10,6 +10,10 @@ callable `attention(q, k, v, *, mask_info, cache_info) -> out` with
   that already hold the new tokens; sequence b's tokens are found through `page_table[b]`, the
   first `kv_lengths[b]` of them are valid, and query (b, i) sees cache position j iff
   j <= mask_info.positions[b, i].
+- packed (`cache_info.cu_q_lens` set): q is [1, T, q_heads, head_dim], the new tokens of the
+  page table's rows back to back (row b owns q[0, cu_q_lens[b]:cu_q_lens[b+1]]; tokens past
+  cu_q_lens[-1] are padding and give zeros); token t belongs to row `token_slots[t]` and sees
+  that row's cache positions j <= mask_info.positions[0, t]. This is the ragged kernel's form.
 
 The model never branches on training versus serving: it only passes what it has.
 """
@@ -35,6 +39,14 @@ class MaskInfo:
 class CacheInfo:
     page_table: jax.Array  # [batch, pages_per_seq] int32
     kv_lengths: jax.Array  # [batch] int32, tokens in the cache including the new ones
+    # Packed tokens only (see the module docstring): [batch + 1] row offsets into the packed
+    # tokens, and [T] the row of each packed token (padding tokens: any row).
+    cu_q_lens: jax.Array | None = None
+    token_slots: jax.Array | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_q_lens is not None
 
 
 class Attention(Protocol):
@@ -52,6 +64,8 @@ def dense_attention(q, k, v, *, mask_info: MaskInfo, cache_info: CacheInfo | Non
             seg = mask_info.segment_ids
             visible = visible & (seg[:, :, None] == seg[:, None, :])
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    elif cache_info.packed:
+        return _packed_dense_attention(q, k, v, mask_info.positions, cache_info)
     else:
         k, v = gather_pages(k, cache_info.page_table), gather_pages(v, cache_info.page_table)
         kv_pos = jnp.arange(k.shape[2])
@@ -73,6 +87,47 @@ def gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
     gathered = pages[jnp.clip(page_table, 0, pages.shape[0] - 1)]  # [batch, n, page_size, h, d]
     heads, head_dim = pages.shape[2:]
     return gathered.transpose(0, 3, 1, 2, 4).reshape(batch, heads, n * pages.shape[1], head_dim)
+
+
+def packed_query_blocks(cu_q_lens: jax.Array, num_tokens: int):
+    """Cuts each row's packed tokens into blocks of `block` tokens, none spanning two rows.
+
+    The block size is static, the next power of two of the mean tokens per row, so a decode-only
+    batch (one token per row) gets one block per row and a long prompt chunk a few wide ones.
+    Returns (block, row of each block [n], index of each block's tokens [n, block], whether
+    each is real [n, block]); n = min(T, T // block + rows) bounds the blocks any split needs.
+    """
+    rows = cu_q_lens.shape[0] - 1
+    block = 1 << (max(-(-num_tokens // rows), 1) - 1).bit_length()
+    num_blocks = min(num_tokens, num_tokens // block + rows)
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    blocks_of_row = -(-q_lens // block)
+    block_end = jnp.cumsum(blocks_of_row)
+    index = jnp.arange(num_blocks, dtype=jnp.int32)
+    row = jnp.minimum(jnp.searchsorted(block_end, index, side="right").astype(jnp.int32), rows - 1)
+    first = (index - (block_end - blocks_of_row)[row]) * block  # offset of the block inside its row
+    offset = first[:, None] + jnp.arange(block, dtype=jnp.int32)[None, :]
+    live = (index < block_end[-1])[:, None] & (offset < q_lens[row][:, None])
+    return block, row, jnp.where(live, cu_q_lens[row][:, None] + offset, 0), live
+
+
+def _packed_dense_attention(q, k_pages, v_pages, positions, cache_info: CacheInfo):
+    """Packed tokens, attended block by block: each block of one row's tokens against that row's
+    pages, gathered once per block (never once per token, never every row for every token)."""
+    num_tokens = q.shape[1]
+    _, row, token_index, live = packed_query_blocks(cache_info.cu_q_lens, num_tokens)
+    table = cache_info.page_table[row]
+    k, v = gather_pages(k_pages, table), gather_pages(v_pages, table)
+    kv_pos = jnp.arange(k.shape[2])
+    query_pos = positions[0][token_index]  # [blocks, block]
+    visible = live[:, :, None] & (kv_pos[None, None, :] <= query_pos[:, :, None]) & (
+        kv_pos[None, None, :] < cache_info.kv_lengths[row][:, None, None]
+    )
+    out = _masked_softmax_attention(q[0][token_index], k, v, visible)  # [blocks, block, h, d]
+    # Every real token is exactly one (block, slot): scatter back; padding tokens stay zero.
+    flat_index = jnp.where(live, token_index, num_tokens).reshape(-1)
+    packed = jnp.zeros((num_tokens, *q.shape[2:]), q.dtype)
+    return packed.at[flat_index].set(out.reshape(-1, *q.shape[2:]), mode="drop")[None]
 
 
 _MASKED = -1e30

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jvila.models.attention import Attention
-from jvila.models.kv_cache import KVCache
+from jvila.models.kv_cache import KVCache, packed_layout
 
 
 def hidden_states(graphdef, state, tokens, *, attention: Attention, positions=None, segment_ids=None,
@@ -58,6 +58,33 @@ def extend(graphdef, state, tokens, num_new, cache: KVCache, *, attention: Atten
     hidden, cache = model(x, positions=positions, attention=attention, cache=cache, num_new=num_new)
     last = jnp.take_along_axis(hidden, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
     return model.logits(last), cache
+
+
+def extend_packed(graphdef, state, tokens, cu_q_lens, cache: KVCache, *, attention: Attention,
+                  input_embeddings=None, embedding_mask=None):
+    """Append packed tokens [T] to the cache: row b's new tokens are tokens[cu_q_lens[b]:cu_q_lens[b+1]].
+
+    The packed form of `extend` (rows are not padded to the longest chunk, so a step can mix one
+    decode token per row with long prompt chunks). cu_q_lens [rows + 1] int32 starts at 0; a row
+    may take no tokens; tokens past cu_q_lens[-1] are padding (neither written nor counted).
+    Row b's tokens take positions cache.lengths[b], cache.lengths[b] + 1, ...
+    `input_embeddings` [T, hidden] with `embedding_mask` [T] bool: masked tokens take their
+    embedding from there instead of the token table (media).
+    Returns the float32 logits at each row's last new token [rows, vocab] (undefined for a row
+    that took none) and the updated cache.
+    """
+    model = nnx.merge(graphdef, state)
+    num_tokens = tokens.shape[0]
+    slots, positions = packed_layout(cu_q_lens, cache.lengths, num_tokens)
+    x = model.embed_tokens(tokens)
+    if input_embeddings is not None:
+        if embedding_mask is None:
+            raise ValueError("input_embeddings needs its embedding_mask")
+        x = jnp.where(embedding_mask[:, None], input_embeddings.astype(x.dtype), x)
+    hidden, cache = model(x[None], positions=positions[None], attention=attention, cache=cache,
+                          cu_q_lens=cu_q_lens, token_slots=slots)
+    last = jnp.clip(cu_q_lens[1:] - 1, 0, num_tokens - 1)
+    return model.logits(hidden[0, last]), cache
 
 
 def decode_step(graphdef, state, tokens, cache: KVCache, *, attention: Attention):

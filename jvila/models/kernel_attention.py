@@ -1,7 +1,7 @@
 """The attention interface served by the Pallas kernels (see `jvila.models.attention`).
 
 Without a cache: flash attention (causal, segment ids). With the paged cache: paged decode
-attention for one-token steps, ragged paged attention for prefill chunks. Each kernel entry
+attention for one-token steps, ragged paged attention for prefill chunks and for packed tokens. Each kernel entry
 point dispatches by platform itself (cuDNN, Pallas or XLA on GPU; references on CPU);
 `implementation` forces one, e.g. "pallas_interpret" in CPU tests.
 
@@ -53,6 +53,9 @@ class KernelAttention:
             mesh = None
         if cache_info is None:
             return self._flash(mesh, q, k, v, mask_info.segment_ids)
+        if cache_info.packed:  # already the ragged kernel's form
+            return self._ragged(mesh, q[0], k, v, cache_info.page_table, cache_info.kv_lengths,
+                                cache_info.cu_q_lens)[None]
         if q.shape[1] == 1:
             return self._decode(mesh, q, k, v, cache_info)
         return self._chunk(mesh, q, k, v, mask_info, cache_info)
@@ -95,22 +98,25 @@ class KernelAttention:
         valid = jnp.arange(chunk)[None, :] < num_new[:, None]
         flat_index = jnp.where(valid, cu_q_lens[:-1, None] + jnp.arange(chunk)[None, :], batch * chunk)
         packed = jnp.zeros((batch * chunk, *q.shape[2:]), q.dtype).at[flat_index].set(q, mode="drop")
+        out = self._ragged(mesh, packed, k_pages, v_pages, cache_info.page_table, cache_info.kv_lengths, cu_q_lens)
+        out = out.at[flat_index].get(mode="fill", fill_value=0)
+        return jnp.where(valid[..., None, None], out, 0).astype(q.dtype)
+
+    def _ragged(self, mesh, packed, k_pages, v_pages, page_table, kv_lengths, cu_q_lens):
+        """packed [T, q_heads, head_dim]: every row's query tokens back to back."""
 
         def attend(packed, k_pages, v_pages, page_table, kv_lengths, cu_q_lens):
             return ragged_paged_attention(packed, k_pages, v_pages, page_table, kv_lengths, cu_q_lens,
                                           implementation=self.implementation)
 
-        args = (packed, k_pages, v_pages, cache_info.page_table, cache_info.kv_lengths, cu_q_lens)
+        args = (packed, k_pages, v_pages, page_table, kv_lengths, cu_q_lens)
         if mesh is None:
-            out = attend(*args)
-        else:
-            # Packed tokens of all rows share one axis: only heads split.
-            heads = _divisible_axes(mesh, "q_heads", [q.shape[2], k_pages.shape[2]])
-            tokens, pool = PartitionSpec(None, heads, None), PartitionSpec(None, None, heads, None)
-            specs = (tokens, pool, pool, PartitionSpec(), PartitionSpec(), PartitionSpec())
-            out = jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False)(*args)
-        out = out.at[flat_index].get(mode="fill", fill_value=0)
-        return jnp.where(valid[..., None, None], out, 0).astype(q.dtype)
+            return attend(*args)
+        # Packed tokens of all rows share one axis: only heads split.
+        heads = _divisible_axes(mesh, "q_heads", [packed.shape[1], k_pages.shape[2]])
+        tokens, pool = PartitionSpec(None, heads, None), PartitionSpec(None, None, heads, None)
+        specs = (tokens, pool, pool, PartitionSpec(), PartitionSpec(), PartitionSpec())
+        return jax.shard_map(attend, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False)(*args)
 
 
 def default_attention():

@@ -61,3 +61,32 @@ def write_pages(pages: jax.Array, new: jax.Array, page_table: jax.Array, start: 
     # Out-of-range page ids make the scatter drop padding rows instead of clobbering a real page.
     page = jnp.where(valid, page, num_pages)
     return pages.at[page, pos % page_size].set(new.astype(pages.dtype), mode="drop")
+
+
+def packed_layout(cu_q_lens: jax.Array, lengths: jax.Array, num_tokens: int):
+    """Row and absolute position of each of `num_tokens` packed tokens.
+
+    Row b's new tokens are packed tokens cu_q_lens[b] .. cu_q_lens[b+1] - 1 and continue its
+    `lengths[b]` cached ones. Tokens past cu_q_lens[-1] are padding: row and position are
+    clipped into range (never written: see `write_packed`).
+    """
+    rows = lengths.shape[0]
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    slot = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], token, side="right").astype(jnp.int32), rows - 1)
+    position = lengths[slot] + token - cu_q_lens[slot]
+    return slot, jnp.maximum(position, 0)
+
+
+def write_packed(pages: jax.Array, new: jax.Array, page_table: jax.Array, token_slots: jax.Array,
+                 positions: jax.Array, num_real: jax.Array):
+    """Store packed new[t] (t < num_real) at cache position positions[t] of row token_slots[t].
+
+    new: [T, kv_heads, head_dim]. Tokens t >= num_real are padding and are dropped.
+    """
+    num_pages, page_size = pages.shape[:2]
+    page_idx = jnp.clip(positions // page_size, 0, page_table.shape[1] - 1)
+    page = page_table[token_slots, page_idx]
+    valid = jnp.arange(new.shape[0]) < num_real
+    # Out-of-range page ids make the scatter drop padding tokens instead of clobbering a real page.
+    page = jnp.where(valid, page, num_pages)
+    return pages.at[page, positions % page_size].set(new.astype(pages.dtype), mode="drop")

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jvila.config import LLMConfig
 from jvila.models.attention import Attention, CacheInfo, MaskInfo
-from jvila.models.kv_cache import KVCache, write_pages
+from jvila.models.kv_cache import KVCache, write_packed, write_pages
 from jvila.models.rope import apply_rope, inverse_frequencies
 
 INIT_STD = 0.02  # the Hugging Face initializer range for these families
@@ -63,7 +63,12 @@ class SelfAttention(nnx.Module):
         inv_freq = inverse_frequencies(self.rope, self.head_dim)
         q = apply_rope(q, mask_info.positions, inv_freq)
         k = apply_rope(k, mask_info.positions, inv_freq)
-        if pages is not None:
+        if pages is not None and cache_info.packed:
+            slots, positions, num_real = cache_info.token_slots, mask_info.positions[0], cache_info.cu_q_lens[-1]
+            k_pages = write_packed(pages[0], k[0], cache_info.page_table, slots, positions, num_real)
+            v_pages = write_packed(pages[1], v[0], cache_info.page_table, slots, positions, num_real)
+            pages, k, v = (k_pages, v_pages), k_pages, v_pages
+        elif pages is not None:
             start = mask_info.positions[:, 0]
             k_pages = write_pages(pages[0], k, cache_info.page_table, start, num_new)
             v_pages = write_pages(pages[1], v, cache_info.page_table, start, num_new)
@@ -137,15 +142,23 @@ class LLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
         num_new: jax.Array | None = None,
+        cu_q_lens: jax.Array | None = None,
+        token_slots: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """embeddings [batch, seq, hidden] → final-normed hidden states, and the updated cache.
 
         With a cache, `positions[:, 0]` must equal `cache.lengths` and `num_new[b]` tokens of row b
         are real (the rest is padding, neither written nor counted).
+        Packed (a cache and `cu_q_lens`): embeddings are [1, T, hidden], the new tokens of the
+        cache's rows back to back; token t belongs to row `token_slots[t]` at `positions[0, t]`
+        (see `jvila.models.attention`), and `num_new` is not used.
         """
         mask_info = MaskInfo(positions=positions, segment_ids=segment_ids)
         cache_info = None
-        if cache is not None:
+        if cache is not None and cu_q_lens is not None:
+            cache_info = CacheInfo(page_table=cache.page_table, kv_lengths=cache.lengths + jnp.diff(cu_q_lens),
+                                   cu_q_lens=cu_q_lens, token_slots=token_slots)
+        elif cache is not None:
             cache_info = CacheInfo(page_table=cache.page_table, kv_lengths=cache.lengths + num_new)
         x = embeddings.astype(self.compute_dtype)
         new_k, new_v = [], []
