@@ -316,6 +316,8 @@ async def _stream_events(state, body, choices: list[Choice], response_id: str, p
                          echo_texts) -> AsyncIterator[str]:
     created = now()
     include_usage = body.include_usage_in_stream
+    # Chat asks with a flag, completions with a count (0 = the sampled token's logprob alone).
+    wants_logprobs = body.logprobs if chat else body.logprobs is not None
 
     def chunk(choice_payloads: list[dict], *, usage_value=None) -> str:
         payload = {"id": response_id, "object": "chat.completion.chunk" if chat else "text_completion",
@@ -343,12 +345,12 @@ async def _stream_events(state, body, choices: list[Choice], response_id: str, p
                 before = len(choice.token_ids)
                 delta, new_logprobs = choice.update(out)
                 state.metrics.count_tokens(completion=len(out.new_token_ids))
-                if not delta and not choice.done and not (new_logprobs and body.logprobs):
+                if not delta and not choice.done and not (new_logprobs and wants_logprobs):
                     continue  # text held back (a partial character or stop string): nothing to send yet
                 logprobs = None
-                if chat and body.logprobs:
+                if chat and wants_logprobs:
                     logprobs = chat_logprobs(state.tokenizer, new_logprobs)
-                elif not chat and body.logprobs is not None:
+                elif wants_logprobs:
                     prefix = len(echo_texts[choice.prompt_index]) if echo_texts else 0
                     logprobs = completion_logprobs(state.tokenizer, new_logprobs, decode=choice.decode,
                                                    token_ids=choice.token_ids, first=before, text_offset=prefix)
