@@ -51,8 +51,12 @@ def _frame_indices(frames, offset):
 
 
 def _expected_indices(frame_count, num_frames):
-    # Exact rational positions, rounded half to even (Python's round), as NumPy rounds linspace.
-    return [round(Fraction(k * (frame_count - 1), max(num_frames - 1, 1))) for k in range(num_frames)]
+    """Positions k * (frames - 1) / (samples - 1) in float64 (how linspace computes them; the last is
+    the end exactly), rounded half to even. Float, not exact, positions are VILA's behaviour."""
+    if num_frames == 1:
+        return [0]
+    step = (frame_count - 1) / (num_frames - 1)
+    return [round(k * step) for k in range(num_frames - 1)] + [frame_count - 1]
 
 
 def test_sample_indices_rule():
@@ -61,6 +65,8 @@ def test_sample_indices_rule():
     for frame_count, num_frames in cases:
         assert sample_frame_indices(frame_count, num_frames) == _expected_indices(frame_count, num_frames)
     assert sample_frame_indices(10, 3) == [0, 4, 9]  # 4.5 rounds to even
+    # 11 * 15/22 is exactly 7.5 but 7.499999999999999 in float64: the float value decides.
+    assert Fraction(11 * 15, 22) == Fraction(15, 2) and sample_frame_indices(16, 23)[11] == 7
     assert sample_frame_indices(100, 1) == [0]
 
 
