@@ -9,7 +9,7 @@ llava/remote_code/media.py, `tokenize_conversation` in llava/utils/tokenizer.py)
   stripped). Every message's text is then stripped, rendered with the tokenizer's chat template
   (NVILA's is ChatML with the default system prompt "You are a helpful assistant"), with the
   generation prompt, and encoded with the tokenizer's special-token handling.
-- No "\n" is written after `<image>` or `<vila/video>` in the text: the "\n" that follows every media
+- No "\\n" is written after `<image>` or `<vila/video>` in the text: the "\\n" that follows every media
   block is an embedding the model appends (VILA's BasicImageEncoder/TSPVideoEncoder end token).
 - Images, by the checkpoint's `image_aspect_ratio`:
   * exactly one image in the prompt and "dynamic_s2": Dynamic-S2 tiles (tiling.py) and their grid,
@@ -26,7 +26,10 @@ Differences, on purpose: chat messages may carry media in any message (VILA's Li
 looks at the first message of a conversation; here it rewrites the message holding the image); a
 plain string prompt puts its images, then its videos, before the text, as VILA's CLI does; with
 chat messages, media passed separately go before the content of the first user message. Remote
-URLs are refused rather than fetched.
+URLs are refused rather than fetched. Videos follow the `<vila/video>` path of the released remote
+code (one placeholder per video, frames pooled by the model); VILA's latest main-branch commit
+(c7869a6, a server fix for NVILA-15B) instead writes one `<image>` per frame, which is not followed.
+VILA's `video_max_tiles > 1` option (tiling each frame; main branch only) is not implemented.
 """
 
 from __future__ import annotations
