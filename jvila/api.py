@@ -1,0 +1,203 @@
+"""The library's front door: `jvila.load(NAME_OR_DIR)` → a `Model` with `generate` and `encode_images`.
+
+Any checkpoint jvila reads loads through the same call: a known model name, a jvila checkpoint, a
+GGUF file, a Hugging Face directory or an NVILA directory (the last three are converted once into
+the cache). Text models and NVILA share `generate`; only NVILA takes images and videos.
+
+    m = jvila.load("path/to/NVILA-8B")
+    m.generate("What is in the picture?", images=["cat.jpg"])          # → ["A cat ..."]
+    m.generate(["Describe it.", "And this one?"], images=[["a.jpg"], ["b.jpg", "c.jpg"]])
+    m.encode_images(["a.jpg", "b.jpg"])                                 # → [tokens, hidden] per image
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jvila.checkpoints.pretrained import load_pretrained
+from jvila.generate import generate as generate_ids
+from jvila.models.nvila import NVILA
+from jvila.processing.errors import MediaError
+from jvila.processing.tokenizer import Tokenizer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+# A prompt: a string, or OpenAI-style chat messages ({"role", "content"} dicts).
+Prompt = str | Sequence[Mapping[str, Any]]
+
+
+def load(name_or_path: str, *, dtype: str = "float32") -> Model:
+    """Open a checkpoint by known name or path; weights and compute in `dtype` ("float32" or "bfloat16")."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model, tok_dir = load_pretrained(str(name_or_path), param_dtype=DTYPES[dtype])
+    return Model(model, tok_dir)
+
+
+class Model:
+    """A loaded model and its tokenizer (and, for NVILA, its image preprocessing)."""
+
+    def __init__(self, model, tokenizer_dir: str | Path):
+        self.model = model
+        self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
+        self.media_settings = None
+        if isinstance(model, NVILA):
+            from jvila.processing.media_prompt import MediaSettings
+
+            preprocessor = Path(tokenizer_dir) / PREPROCESSOR_FILE
+            self.media_settings = MediaSettings.from_config(model.config, json.loads(preprocessor.read_text()))
+        llm = model.llm if isinstance(model, NVILA) else model
+        # The decoder the functional core runs, split once.
+        self._graphdef, self._state = nnx.split(llm)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return isinstance(self.model, NVILA)
+
+    @property
+    def config(self):
+        """The model's config: an `LLMConfig`, or an `NVILAConfig` for NVILA."""
+        return self.model.config
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        *,
+        images=None,
+        videos=None,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        seed: int = 0,
+        system: str | None = None,
+        num_frames: int | None = None,
+    ) -> list[str]:
+        """One completion per prompt (a string prompt counts as a list of one).
+
+        `images`/`videos`: for a single prompt, one source or a list of sources (path, bytes, data:
+        URL or PIL image; for videos a file or a folder of frames); for a list of prompts, a list
+        with one entry per prompt (None, a source, or a list of sources). `system` is a system
+        message put before string prompts. `num_frames` overrides the checkpoint's video frame count.
+        Temperature 0 decodes greedily.
+        """
+        new_ids = self.generate_token_ids(prompts, images=images, videos=videos, max_tokens=max_tokens,
+                                          temperature=temperature, seed=seed, system=system, num_frames=num_frames)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new_ids]
+
+    def generate_token_ids(self, prompts: Prompt | Sequence[Prompt], *, images=None, videos=None,
+                           max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                           system: str | None = None, num_frames: int | None = None) -> list[list[int]]:
+        """As `generate`, but the new token ids of each prompt (ending at its first EOS, kept)."""
+        prompts, images, videos = _per_prompt(prompts, images, videos)
+        if not self.is_multimodal and (any(images) or any(videos)):
+            raise MediaError("this model is a text model; it takes no images or videos")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {num_frames}")
+        prompts = [_with_system(p, system) for p in prompts]
+        if self.is_multimodal:
+            spliced = [self._media_prompt(p, i, v, num_frames) for p, i, v in zip(prompts, images, videos)]
+            ids = [s[0] for s in spliced]
+            embeddings = [s[1] for s in spliced]
+            masks = [s[2] for s in spliced]
+        else:
+            ids = [self._text_prompt(p) for p in prompts]
+            embeddings = masks = None
+        return generate_ids(self._graphdef, self._state, ids, max_new_tokens=max_tokens,
+                            eos_ids=self.tokenizer.eos_ids, temperature=temperature, seed=seed,
+                            input_embeddings=embeddings, embedding_masks=masks)
+
+    def encode_images(self, images) -> list[np.ndarray]:
+        """Projected image tokens [tokens, hidden] per image, before the "\\n" end embedding.
+
+        As in a prompt: one image alone goes through the checkpoint's tiling (Dynamic-S2 for NVILA);
+        several images are one tile each.
+        """
+        from jvila.models.nvila import dynamic_s2_tokens, tile_tokens
+        from jvila.processing.media_prompt import image_media
+
+        self._require_media()
+        images = _as_list(images)
+        if not images:
+            raise MediaError("encode_images needs at least one image")
+        per_image: dict[int, list[np.ndarray]] = {}
+        for item in image_media(self.media_settings, images):
+            if item.grid is not None:
+                tokens = dynamic_s2_tokens(self.model, item.tiles, item.grid)
+            else:
+                tokens = tile_tokens(self.model, item.tiles)
+            per_image.setdefault(item.image_index, []).append(np.asarray(tokens).reshape(-1, tokens.shape[-1]))
+        return [np.concatenate(per_image[i]) for i in range(len(images))]
+
+    def _text_prompt(self, prompt: Prompt) -> list[int]:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        for message in messages:
+            if not isinstance(message.get("content"), str):
+                raise ValueError("a text model's chat messages need string content")
+        # The template already writes every special token the model expects.
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _media_prompt(self, prompt: Prompt, images, videos, num_frames):
+        """(expanded ids, input embeddings, embedding mask) of one prompt with its media spliced in."""
+        from jvila.models.nvila import embed_prompt, image_blocks, video_block
+        from jvila.processing.media_prompt import ImageMedia, build_media_prompt
+
+        built = build_media_prompt(self.tokenizer, self.media_settings, prompt, images=images, videos=videos,
+                                   num_video_frames=num_frames)
+        blocks = []
+        for item in built.media:
+            if isinstance(item, ImageMedia):
+                blocks += image_blocks(self.model, item.tiles, item.grid)
+            else:
+                blocks.append(video_block(self.model, item.frames))
+        ids, embeddings, mask = embed_prompt(self.model, built.token_ids, blocks)
+        return [int(t) for t in ids], np.asarray(embeddings), mask
+
+    def _require_media(self):
+        if not self.is_multimodal:
+            raise MediaError("this model is a text model; it takes no images")
+
+
+def _as_list(value) -> list:
+    """None → [], one source → [source], a list or tuple → itself."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _per_prompt(prompts, images, videos):
+    """Prompts as a list, and one list of images and of videos per prompt."""
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and bool(prompts) and all(isinstance(m, Mapping) for m in prompts))
+    if single:
+        return [prompts], [_as_list(images)], [_as_list(videos)]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    per_prompt = []
+    for name, media in (("images", images), ("videos", videos)):
+        if media is None:
+            per_prompt.append([[] for _ in prompts])
+            continue
+        if not isinstance(media, (list, tuple)) or len(media) != len(prompts):
+            raise ValueError(f"with {len(prompts)} prompts, {name} must be a list of {len(prompts)} entries "
+                             "(None, a source, or a list of sources per prompt)")
+        per_prompt.append([_as_list(m) for m in media])
+    return prompts, per_prompt[0], per_prompt[1]
+
+
+def _with_system(prompt: Prompt, system: str | None) -> Prompt:
+    if system is None:
+        return prompt
+    if not isinstance(prompt, str):
+        raise ValueError("system= applies to string prompts; put a system message in the chat messages instead")
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
