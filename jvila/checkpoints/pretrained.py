@@ -62,7 +62,9 @@ def load_pretrained(name_or_path: str, *, param_dtype=jnp.float32, compute_dtype
 
 
 def _fingerprint(source: Path) -> str:
-    """Path and newest modification time: an edited source converts anew instead of going stale."""
-    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
-    newest = max((p.stat().st_mtime_ns for p in files), default=0)
-    return hashlib.sha256(f"{source}:{newest}".encode()).hexdigest()[:12]
+    """Path, and every file's name, size and modification time: a source whose files are edited,
+    added or removed (an NVILA subfolder deleted, say) converts anew instead of going stale."""
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(source)) if p != source else "", p.stat().st_size, p.stat().st_mtime_ns)
+               for p in files]
+    return hashlib.sha256(f"{source}:{listing}".encode()).hexdigest()[:12]
