@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -177,3 +178,13 @@ def test_cli_bad_video_and_flags(nvila_dir, text_dir, tmp_path, capsys):
     assert "--frames" in error_of(capsys, model + ["--video", str(video), "--frames", "0", "hi"], code=2)
     image = fx.write_random_image(tmp_path / "a.png", 20, 20, np.random.default_rng())
     assert "text model" in error_of(capsys, ["generate", "--model", str(text_dir[0]), "--image", str(image), "hi"])
+
+
+def test_bfloat16_nvila_follows_float32(nvila_dir, tmp_path):
+    image = fx.write_random_image(tmp_path / "a.png", 50, 40, np.random.default_rng())
+    (want,) = jvila.load(str(nvila_dir[1])).encode_images(image)
+    (got,) = jvila.load(str(nvila_dir[1]), dtype="bfloat16").encode_images(image)
+    assert got.dtype == jnp.bfloat16
+    # bfloat16 keeps 8 mantissa bits (~4e-3 relative per rounding); a few roundings through the
+    # tower and projector stay well inside 3e-2, while a wrong cast or layout would not.
+    assert np.abs(got.astype(np.float32) - want).max() / np.abs(want).max() < 3e-2

@@ -194,3 +194,12 @@ def test_not_an_nvila_dir(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.json").write_text("{not json")
     assert not is_nvila_dir(tmp_path / "x")
+
+
+def test_tensor_of_the_wrong_shape(nvila_dir, tmp_path):
+    tensors = read_tensors(nvila_dir / "mm_projector")
+    tensors["layers.4.weight"] = tensors["layers.4.weight"][:, :-1].copy()
+    safetensors.numpy.save_file(tensors, nvila_dir / "mm_projector" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="projector.layers.4"):
+        convert(nvila_dir, tmp_path / "jv")
+    assert not (tmp_path / "jv").exists()
