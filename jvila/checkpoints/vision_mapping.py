@@ -10,6 +10,7 @@ jvila names carry the NVILA model's child prefixes, `vision_tower.` and `project
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -122,6 +123,15 @@ def siglip_rules(cfg: SiglipConfig) -> list[Rule]:
     for i in range(cfg.num_layers):
         rules += [r._replace(hf=r.hf.format(i=i), jvila=r.jvila.format(i=i)) for r in LAYER_RULES]
     return [r._replace(hf=HF_VISION_PREFIX + r.hf, jvila=VISION_PREFIX + r.jvila) for r in rules]
+
+
+def siglip_config_for_tensors(cfg: SiglipConfig, names) -> SiglipConfig:
+    """`cfg` with `use_head` set by whether the checkpoint holds the pooling head.
+
+    The config alone cannot say: towers saved before `vision_use_head` existed omit the key (which
+    transformers reads as True) although PaliGemma-derived towers, NVILA's, carry no head.
+    """
+    return dataclasses.replace(cfg, use_head=any(n.endswith("head.probe") for n in names))
 
 
 def siglip_hf_to_jvila(tensors: dict[str, np.ndarray], cfg: SiglipConfig) -> dict[str, np.ndarray]:

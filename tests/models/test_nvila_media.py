@@ -99,9 +99,10 @@ def test_area_resize_by_whole_factor_repeats():
 # ---------------------------------------------------------------- Dynamic-S2
 
 
-def s2_reference(features, scales, grid, project):
-    """VILA's merge by hand: tiles placed by explicit loops, area-resized per scale, concatenated,
-    cut into last-scale blocks, each projected, and the token maps laid side by side."""
+def s2_reference(features, scales, grid, project, resize_index=-1):
+    """VILA's merge by hand: tiles placed by explicit loops, area-resized per scale to the map of
+    scale `resize_index`, concatenated, cut into that scale's blocks, each projected, and the token
+    maps laid side by side."""
     g, c = features.shape[1], features.shape[3]
     grids = [(s // scales[0],) * 2 for s in scales[:-1]] + [grid]
     maps, k = [], 0
@@ -113,9 +114,9 @@ def s2_reference(features, scales, grid, project):
                 k += 1
         maps.append(m)
     assert k == len(features)
-    big_h, big_w = maps[-1].shape[:2]
+    big_h, big_w = maps[resize_index].shape[:2]
     merged = np.concatenate([area_reference(m, big_h, big_w) for m in maps], axis=-1).astype(np.float32)
-    rows, cols = grid
+    rows, cols = grids[resize_index]
     out = None
     for i in range(rows):
         for j in range(cols):
@@ -139,6 +140,20 @@ def test_dynamic_s2_matches_reference(model):
     got = np.asarray(nvila.dynamic_s2_tokens(model, pixels, grid))
     assert got.shape == (3072, LLM.hidden_size)  # 12 blocks x 256 tokens, NVILA's count for a 3x4 grid
     # float32 resize sums in another order, then LayerNorm and two linears: errors seen ~1e-6.
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("resize_index", [0, 1])
+def test_dynamic_s2_to_a_smaller_scale_matches_reference(resize_index):
+    """VILA's default s2_resize_output_to_scale_idx is 0: every scale shrinks to the first scale's map."""
+    model = model_for(s2_resize_output_to_scale_idx=resize_index)
+    grid = (2, 5)
+    pixels = tiles(1 + 4 + 10, seed=9)
+    features = np.asarray(nvila.feature_maps(model, pixels))
+    want = s2_reference(features, model.config.s2_scales, grid, functools.partial(project_one, model), resize_index)
+    got = np.asarray(nvila.dynamic_s2_tokens(model, pixels, grid))
+    assert got.shape == ((1, 4)[resize_index] * 256, LLM.hidden_size)
+    assert nvila.image_token_count(model.config, grid) == got.shape[0] + 1
     assert rel_err(got, want) < 1e-4
 
 

@@ -1,5 +1,6 @@
 """The SigLIP tower against transformers' SiglipVisionModel in float32, and its checkpoint mapping."""
 
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from flax import nnx
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from jvila.checkpoints.errors import CheckpointError
-from jvila.checkpoints.vision_mapping import siglip_hf_to_jvila, siglip_jvila_to_hf
+from jvila.checkpoints.vision_mapping import siglip_config_for_tensors, siglip_hf_to_jvila, siglip_jvila_to_hf
 from jvila.models.params import check_params, flat_params
 from jvila.models.siglip import SiglipVisionTower, bicubic_matrix
 from jvila.vision_config import SiglipConfig
@@ -149,3 +150,11 @@ def test_config_round_trips_through_hf(pair):
     assert SiglipConfig.from_hf(SiglipVisionConfig(**cfg.to_hf()).to_dict()) == cfg
     with pytest.raises(ValueError, match="hidden_act"):
         SiglipConfig.from_hf({**cfg.to_hf(), "hidden_act": "relu"})
+
+
+def test_head_presence_is_read_from_the_tensors(pair):
+    _, hf, cfg, _, _ = pair
+    names = list(hf.state_dict())
+    assert siglip_config_for_tensors(cfg, names) == cfg
+    headless = [n for n in names if not n.startswith("head.")]
+    assert siglip_config_for_tensors(dataclasses.replace(cfg, use_head=True), headless).use_head is False
