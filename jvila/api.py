@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jvila.checkpoints.errors import CheckpointError
 from jvila.checkpoints.pretrained import load_pretrained
 from jvila.generate import generate as generate_ids
-from jvila.models.nvila import NVILA
+from jvila.models.nvila import NVILA, dynamic_s2_tokens, embed_prompt, image_blocks, tile_tokens, video_block
 from jvila.processing.errors import MediaError
+from jvila.processing.media_prompt import ImageMedia, MediaSettings, build_media_prompt, image_media
 from jvila.processing.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,9 +52,9 @@ class Model:
         self.tokenizer = Tokenizer.from_dir(tokenizer_dir)
         self.media_settings = None
         if isinstance(model, NVILA):
-            from jvila.processing.media_prompt import MediaSettings
-
             preprocessor = Path(tokenizer_dir) / PREPROCESSOR_FILE
+            if not preprocessor.is_file():
+                raise CheckpointError(f"NVILA checkpoint lacks {preprocessor} (the image preprocessing settings)")
             self.media_settings = MediaSettings.from_config(model.config, json.loads(preprocessor.read_text()))
         llm = model.llm if isinstance(model, NVILA) else model
         # The decoder the functional core runs, split once.
@@ -121,9 +123,6 @@ class Model:
         As in a prompt: one image alone goes through the checkpoint's tiling (Dynamic-S2 for NVILA);
         several images are one tile each.
         """
-        from jvila.models.nvila import dynamic_s2_tokens, tile_tokens
-        from jvila.processing.media_prompt import image_media
-
         self._require_media()
         images = _as_list(images)
         if not images:
@@ -148,9 +147,6 @@ class Model:
 
     def _media_prompt(self, prompt: Prompt, images, videos, num_frames):
         """(expanded ids, input embeddings, embedding mask) of one prompt with its media spliced in."""
-        from jvila.models.nvila import embed_prompt, image_blocks, video_block
-        from jvila.processing.media_prompt import ImageMedia, build_media_prompt
-
         built = build_media_prompt(self.tokenizer, self.media_settings, prompt, images=images, videos=videos,
                                    num_video_frames=num_frames)
         blocks = []

@@ -29,8 +29,8 @@ def is_jvila_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def save_checkpoint(dst, cfg: LLMConfig | NVILAConfig, params: dict[str, np.ndarray], tokenizer_files: dict[str, str | bytes],
-                    *, overwrite: bool = False) -> Path:
+def save_checkpoint(dst, cfg: LLMConfig | NVILAConfig, params: dict[str, np.ndarray],
+                    tokenizer_files: dict[str, str | bytes], *, overwrite: bool = False) -> Path:
     """Write `cfg` (an LLMConfig or an NVILAConfig), the flat params and the tokenizer files."""
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(_config_to_json(cfg), indent=2))
