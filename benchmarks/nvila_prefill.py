@@ -7,8 +7,8 @@ pooling of 8 frames (on or off). A Dynamic-S2 image and a video go through tower
 splice → one jitted LLM prefill. Prints a table of medians; ratios are against the uncompressed
 row of the same media.
 
-    python benchmarks/nvila_prefill.py                            # CPU, tiny model
-    python benchmarks/nvila_prefill.py --config nvila-2b-random   # GPU: So400m/448 tower, Qwen2.5-1.5B-shaped LLM
+    python benchmarks/nvila_prefill.py                            # CPU: tiny model; GPU: nvila-2b-random
+    python benchmarks/nvila_prefill.py --config nvila-2b-random   # So400m/448 tower, Qwen2.5-1.5B-shaped LLM (GPU)
     python benchmarks/nvila_prefill.py --dry-run                  # CPU, smallest shapes, one sample each
 """
 
@@ -190,11 +190,13 @@ def run(setup: Setup, name: str):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=sorted(SETUPS), default="tiny")
+    parser.add_argument("--config", choices=sorted(SETUPS),
+                        help="default: nvila-2b-random on a GPU (as the GPU suite runs it), tiny elsewhere")
     parser.add_argument("--dry-run", action="store_true", help="smallest shapes on CPU, one sample per timing")
     parser.add_argument("--frames", type=int, help="video frames (a multiple of 8)")
     args = parser.parse_args()
-    name = "dry-run" if args.dry_run else args.config
+    name = "dry-run" if args.dry_run else args.config or (
+        "nvila-2b-random" if jax.default_backend() == "gpu" else "tiny")
     require_backend("gpu", dry_run=name != "nvila-2b-random")
     setup = SETUPS[name]
     if args.frames:
