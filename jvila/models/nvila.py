@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from jvila.models.llm import LLM
-from jvila.models.projector import Projector
+from jvila.models.projector import Projector, tokens_per_map
 from jvila.models.siglip import SiglipVisionTower
 from jvila.vision_config import NVILAConfig
 
@@ -277,8 +277,6 @@ def embed_prompt(model: NVILA, token_ids, media_blocks: Sequence[jax.Array]):
 
 def image_token_count(cfg: NVILAConfig, grid: tuple[int, int] | None = None) -> int:
     """Embedding rows of one image block (end tokens included): Dynamic-S2 with `grid`, else one tile."""
-    from jvila.models.projector import tokens_per_map
-
     g = cfg.vision.grid_size
     per_tile = tokens_per_map(cfg.projector_type, g, g)
     if grid is None:
