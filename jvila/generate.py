@@ -1,9 +1,12 @@
-"""Batched generation: one jitted prefill, then one jitted `while_loop` of decode steps.
+"""Batched generation on the serving engine: the one generation path of the library and the CLI.
 
-Each sequence owns one run of pages of the paged cache (the serving engine later hands pages out
-from a shared pool through the same cache pytree). Prompt lengths are bucketed to powers of two
-so that a handful of compilations serve every request. A prompt may bring its own input
-embeddings for some positions (media spliced in); the rest use the token embeddings.
+`generate` hands its prompts to a `serving.engine.Engine` sized for them (every prompt runs at
+once; its pages are bucketed so that repeated calls reuse the engine step's compilations) and
+collects the new ids. A prompt may bring its own input embeddings for some positions (media
+spliced in); the rest use the token embeddings.
+
+`_prefill` (a padded, whole-batch prefill on a contiguous cache) stays for the benchmarks that
+time the prefill by itself.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import numpy as np
 from flax import nnx
 
 from jvila.models import functional
-from jvila.models.kernel_attention import default_attention
-from jvila.models.kv_cache import KVCache, contiguous_cache
 
 MIN_BUCKET = 16
 
@@ -39,34 +40,6 @@ def _prefill(graphdef, state, tokens, lengths, cache, embeddings=None, embedding
                              input_embeddings=input_embeddings)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "max_new_tokens", "greedy"))
-def _decode_loop(graphdef, state, first_logits, cache: KVCache, eos_ids, rng, temperature, *, attention,
-                 max_new_tokens, greedy):
-    batch = first_logits.shape[0]
-
-    def sample(logits, key):
-        if greedy:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-
-    def cond(carry):
-        step, _, _, _, done, _ = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, logits, cache, out, done, rng = carry
-        rng, key = jax.random.split(rng)
-        token = sample(logits, key)
-        out = out.at[:, step].set(jnp.where(done, -1, token))
-        done = done | jnp.isin(token, eos_ids)
-        logits, cache = functional.decode_step(graphdef, state, token, cache, attention=attention)
-        return step + 1, logits, cache, out, done, rng
-
-    out = jnp.full((batch, max_new_tokens), -1, jnp.int32)
-    carry = (jnp.int32(0), first_logits, cache, out, jnp.zeros((batch,), bool), rng)
-    return jax.lax.while_loop(cond, body, carry)[3]
-
-
 def generate(
     graphdef,
     state,
@@ -84,56 +57,55 @@ def generate(
 ) -> list[list[int]]:
     """Complete each prompt (token ids); returns the new ids, each ending at its first EOS (kept).
 
-    `attention` defaults to the platform's best (`default_attention`).
+    `attention` defaults to the platform's best (`default_attention`). `temperature` ≤ 0 is
+    greedy; above 0 prompt i samples with its own seed drawn from `seed`, so a prompt's output
+    does not depend on the others in the call.
     `input_embeddings`, if given, has one entry per prompt: None (token embeddings only) or an
     array [len(prompt), hidden] whose rows replace the token embeddings where that prompt's
     `embedding_masks` entry (bool [len(prompt)]; default all True) is set. The ids at replaced
     positions must still be valid ids; they are never embedded.
     """
+    from serving.engine import Engine  # serving sits above jvila: imported only when generating
+    from serving.request import Request, SamplingParams
+
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    attention = attention or default_attention()
-    model = nnx.merge(graphdef, state)  # only to read its static config and dtype
-    vocab = model.config.vocab_size
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-    width = bucket(max(len(p) for p in prompts))
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for row, prompt in enumerate(prompts):
-        tokens[row, : len(prompt)] = prompt
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    embeddings, embedding_mask = _padded_embeddings(prompts, width, model.config.hidden_size, input_embeddings,
-                                                    embedding_masks)
-    cache = contiguous_cache(model.config, len(prompts), width + max_new_tokens, page_size=page_size,
-                             dtype=cache_dtype or model.compute_dtype)
-    logits, cache = _prefill(graphdef, state, jnp.asarray(tokens), lengths, cache, embeddings, embedding_mask,
-                             attention=attention)
-    out = _decode_loop(
-        graphdef, state, logits, cache, jnp.asarray(list(eos_ids) or [-1], jnp.int32),
-        jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), attention=attention,
-        max_new_tokens=max_new_tokens, greedy=temperature <= 0.0,
-    )
-    return [[int(t) for t in row if t >= 0] for row in np.asarray(out)]
+    model = nnx.merge(graphdef, state)  # only to read its static config
+    media = _prompt_embeddings(prompts, model.config.hidden_size, input_embeddings, embedding_masks)
+    max_context = max(len(p) for p in prompts) + max_new_tokens
+    # Room for every prompt at once, so nothing is preempted; a power of two so that calls of
+    # similar sizes share the step's compilations (the pool's shape is part of them).
+    pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
+    engine = Engine(graphdef, state, eos_ids=eos_ids, num_pages=bucket(pages, 1), page_size=page_size,
+                    max_running=len(prompts), token_budget=max(512, max_context), max_context=max_context,
+                    attention=attention, cache_dtype=cache_dtype)
+    seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, len(prompts))
+    requests = []
+    for i, (prompt, (embeddings, mask)) in enumerate(zip(prompts, media)):
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=max(float(temperature), 0.0),
+                                seed=int(seeds[i]))
+        requests.append(Request(str(i), [int(t) for t in prompt], params, input_embeddings=embeddings,
+                                embedding_mask=mask))
+    out = engine.run_to_completion(requests)
+    return [out[str(i)] for i in range(len(prompts))]
 
 
-
-def _padded_embeddings(prompts, width: int, hidden: int, input_embeddings, embedding_masks):
-    """Per-prompt embeddings and masks padded into [batch, width, hidden] and [batch, width], or (None, None)."""
+def _prompt_embeddings(prompts, hidden: int, input_embeddings, embedding_masks):
+    """Per prompt (embeddings [len, hidden], mask [len]) or (None, None), checked against the prompts."""
     if input_embeddings is None:
         if embedding_masks is not None:
             raise ValueError("embedding_masks given without input_embeddings")
-        return None, None
+        return [(None, None)] * len(prompts)
     if len(input_embeddings) != len(prompts):
         raise ValueError(f"input_embeddings has {len(input_embeddings)} entries for {len(prompts)} prompts")
     if embedding_masks is not None and len(embedding_masks) != len(prompts):
         raise ValueError(f"embedding_masks has {len(embedding_masks)} entries for {len(prompts)} prompts")
-    dtype = next((np.asarray(e).dtype for e in input_embeddings if e is not None), np.dtype(np.float32))
-    embeddings = np.zeros((len(prompts), width, hidden), dtype)
-    mask = np.zeros((len(prompts), width), bool)
+    out = []
     for row, (prompt, given) in enumerate(zip(prompts, input_embeddings)):
         if given is None:
+            out.append((None, None))
             continue
         given = np.asarray(given)
         if given.shape != (len(prompt), hidden):
@@ -144,6 +116,5 @@ def _padded_embeddings(prompts, width: int, hidden: int, input_embeddings, embed
         if row_mask.shape != (len(prompt),):
             raise ValueError(f"embedding_masks[{row}] has shape {row_mask.shape}; prompt {row} has "
                              f"{len(prompt)} tokens")
-        embeddings[row, : len(prompt)] = given
-        mask[row, : len(prompt)] = row_mask
-    return jnp.asarray(embeddings), jnp.asarray(mask)
+        out.append((given, row_mask))
+    return out
