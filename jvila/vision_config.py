@@ -184,7 +184,7 @@ class NVILAConfig:
         if select_feature != "cls_patch":
             # "patch" drops a class token SigLIP does not have: VILA would drop a real patch.
             raise ValueError(f"mm_vision_select_feature {select_feature!r} is not supported (SigLIP needs cls_patch)")
-        return cls(
+        cfg = cls(
             llm=llm,
             vision=vision,
             projector_type=projector_type,
@@ -202,6 +202,12 @@ class NVILAConfig:
             video_token_id=video_token_id,
             media_end_token_ids=tuple(media_end_token_ids),
         )
+        stated = top.get("mm_hidden_size")
+        if stated is not None and stated != cfg.mm_hidden_size:
+            raise ValueError(f"config.json says mm_hidden_size {stated}, but a {vision.hidden_size}-wide tower "
+                             f"{'with ' + str(len(cfg.s2_scales)) + ' S2 scales ' if dynamic_s2 else ''}gives "
+                             f"{cfg.mm_hidden_size}")
+        return cfg
 
     def to_hf(self) -> dict[str, Any]:
         """The media settings of the top-level NVILA `config.json` (sub-configs are written beside it)."""

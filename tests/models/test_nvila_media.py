@@ -313,6 +313,9 @@ def test_config_round_trips_and_reads_vila_settings():
     assert (read.image_aspect_ratio, read.dynamic_s2, read.mm_hidden_size) == ("resize", True, 18)
     assert read.video_pool_sizes == ((8, 1, 1),) and read.num_video_frames == 256
     assert video_pool_sizes_from_encoder('{"_target_": "llava.model.encoders.BasicVideoEncoder"}') == ()
+    with pytest.raises(ValueError, match="mm_hidden_size 6, but a 6-wide tower with 3 S2 scales gives 18"):
+        NVILAConfig.from_hf({**top, "mm_hidden_size": 6}, llm=LLM, vision=VISION, image_token_id=IMAGE_ID,
+                            video_token_id=VIDEO_ID, media_end_token_ids=(NEWLINE_ID,))
     with pytest.raises(ValueError, match="unknown image_aspect_ratio"):
         make_config(image_aspect_ratio="pad")
     with pytest.raises(ValueError, match="first S2 scale 448 must equal the tower's image_size 64"):
