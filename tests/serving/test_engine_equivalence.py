@@ -25,6 +25,8 @@ from serving.request import FinishReason, Request, SamplingParams
 CFG = LLMConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=8, max_position_embeddings=512)
 REF_WIDTH = 128  # the reference pads every prompt to this width: one compilation
+# Both tests share the pool's shape and the token budget, and so the engine step's compilations.
+POOL = {"num_pages": 20, "page_size": 8, "token_budget": 32, "attention": dense_attention}
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +91,9 @@ def test_32_concurrent_requests_match_each_run_alone(split_model):
     want = [o[: o.index(eos) + 1] if eos in o else o for o in free_run]
     assert sum(len(w) < len(o) for w, o in zip(want, free_run)) >= 2  # the EOS really cuts some short
 
-    # A pool of 40 pages of 4 tokens (160 slots) for up to 32 sequences of up to 85 tokens:
+    # A pool of 20 pages of 8 tokens (160 slots) for up to 32 sequences of up to 85 tokens:
     # running sequences must be preempted again and again.
-    engine = Engine(graphdef, state, eos_ids=[eos], num_pages=40, page_size=4, max_running=32, token_budget=48,
-                    max_context=120, attention=dense_attention)
+    engine = Engine(graphdef, state, eos_ids=[eos], **POOL, max_running=32, max_context=96)
     requests = [Request(f"r{i}", p, SamplingParams(max_tokens=m)) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
     got = {r.request_id: [] for r in requests}
     finish = {}
@@ -124,7 +125,7 @@ def test_32_concurrent_requests_match_each_run_alone(split_model):
     assert decoding_when_added > 0 and max_running_seen > 1
     assert metrics["running"] == 0 and metrics["waiting"] == 0
     # Nothing leaked: every page is free again (cached-but-unreferenced pages count as free).
-    assert engine.allocator.num_free == 40 and engine.allocator.num_used == 0
+    assert engine.allocator.num_free == 20 and engine.allocator.num_used == 0
 
 
 def test_media_embeddings_are_served_as_the_core_computes_them(split_model):
@@ -139,7 +140,7 @@ def test_media_embeddings_are_served_as_the_core_computes_them(split_model):
     want_text = reference_greedy(graphdef, state, prompt, 12)
     assert want_media != want_text  # the embeddings matter
 
-    engine = Engine(graphdef, state, num_pages=32, page_size=4, token_budget=16, attention=dense_attention)
+    engine = Engine(graphdef, state, **POOL)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     # Media first: were its pages registered under their token ids, the text requests would reuse them.
     got = engine.run_to_completion([Request("media", prompt, params, input_embeddings=embeddings, embedding_mask=mask)])
@@ -149,7 +150,7 @@ def test_media_embeddings_are_served_as_the_core_computes_them(split_model):
     got.update(engine.run_to_completion([Request("text-again", prompt, params)]))
     assert got == {"media": want_media, "text": want_text, "text-again": want_text}
     # The text request may reuse only the media request's pages before its first media row (position 9:
-    # two full pages of 4); the second text request reuses all 7 full pages of its 29-token prompt.
+    # one full page of 8); the second text request reuses all 3 full pages of its 29-token prompt.
     assert hits_after_media == 0 and hits_after_text == 8
-    assert engine.metrics()["prefix_hit_tokens"] - hits_after_text == 28
-    assert engine.allocator.num_free == 32
+    assert engine.metrics()["prefix_hit_tokens"] - hits_after_text == 24
+    assert engine.allocator.num_free == 20
