@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,7 @@ from flax import nnx  # noqa: E402
 from timing import median_ms  # noqa: E402
 
 from jvila.config import LLMConfig, RopeConfig  # noqa: E402
-from jvila.generate import _prefill, bucket  # noqa: E402
-from jvila.models import nvila  # noqa: E402
+from jvila.models import functional, nvila  # noqa: E402
 from jvila.models.kernel_attention import default_attention  # noqa: E402
 from jvila.models.kv_cache import contiguous_cache  # noqa: E402
 from jvila.models.projector import Projector, tokens_per_map  # noqa: E402
@@ -127,17 +127,22 @@ def prompt_ids(setup: Setup, media: str) -> np.ndarray:
     return ids
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention"), donate_argnames=("cache",))
+def llm_prefill(graphdef, state, tokens, lengths, cache, embeddings, *, attention):
+    return functional.extend(graphdef, state, tokens, lengths, cache, attention=attention,
+                             input_embeddings=embeddings)
+
+
 def prefill(model, graphdef, state, ids, blocks, attention, dtype):
-    """Splice, pad to a power-of-two bucket and run the jitted prefill: logits of the last token."""
-    expanded, embeds, mask = nvila.embed_prompt(model, ids, blocks)
+    """Splice, pad to a power-of-two bucket (few compilations) and run the jitted prefill: last-token logits."""
+    expanded, embeds, _ = nvila.embed_prompt(model, ids, blocks)
     length = len(expanded)
-    width = bucket(length)
+    width = 1 << (length - 1).bit_length()
     tokens = jnp.zeros((1, width), jnp.int32).at[0, :length].set(jnp.asarray(expanded))
     padded = jnp.zeros((1, width, embeds.shape[-1]), embeds.dtype).at[0, :length].set(embeds)
-    padded_mask = jnp.zeros((1, width), bool).at[0, :length].set(jnp.asarray(mask))
     cache = contiguous_cache(model.config.llm, 1, width, dtype=dtype)
-    logits, _ = _prefill(graphdef, state, tokens, jnp.asarray([length], jnp.int32), cache, padded, padded_mask,
-                         attention=attention)
+    logits, _ = llm_prefill(graphdef, state, tokens, jnp.asarray([length], jnp.int32), cache, padded,
+                            attention=attention)
     return logits
 
 
