@@ -10,6 +10,7 @@ import time
 log = logging.getLogger("jvila")
 
 DTYPES = ("float32", "bfloat16")
+DEFAULT_SERVE_MODEL = "smollm2-135m-instruct"
 
 
 def _generate(args) -> int:
@@ -41,6 +42,31 @@ def _convert(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import jax.numpy as jnp
+
+    # The server lives in serving/, above jvila: imported only when serving.
+    from serving.api_keys import ApiKeys
+    from serving.api_server import serve
+    from serving.launch import EngineOptions, build_app
+
+    try:
+        api_keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
+        if args.scheduler == "rpm" and args.rpm_limit is None:
+            raise ValueError("--scheduler rpm needs --rpm-limit (requests per minute per client)")
+        options = EngineOptions(num_pages=args.num_pages, page_size=args.page_size, max_running=args.max_running,
+                                token_budget=args.token_budget, max_context=args.max_context)
+        app, _ = build_app(args.model, served_name=args.served_name, param_dtype=getattr(jnp, args.dtype),
+                           scheduler=args.scheduler, rpm_limit=args.rpm_limit, api_keys=api_keys, options=options)
+    except ValueError as e:
+        print(f"jvila: error: {e}", file=sys.stderr)
+        return 2
+    if api_keys is None:
+        log.info("no --api-keys: every request is served, as one client")
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jvila", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     conv.set_defaults(run=_convert)
+
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    srv.add_argument("--model", default=DEFAULT_SERVE_MODEL,
+                     help="known model name, jvila checkpoint, GGUF file or HF dir (default: %(default)s)")
+    srv.add_argument("--served-name", default=None, help="the model name clients send (default: --model as given)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged)")
+    srv.add_argument("--scheduler", choices=("vtc", "fcfs", "rpm", "lcf"), default="vtc",
+                     help="who is served first: VTC shares tokens fairly between clients (default)")
+    srv.add_argument("--rpm-limit", type=int, default=None, help="requests per minute per client (--scheduler rpm)")
+    srv.add_argument("--api-keys", default=None, metavar="FILE",
+                     help='JSON {"<key>": {"client": "<name>", "weight": 1.0}, ...}; without it no key is asked')
+    srv.add_argument("--dtype", choices=DTYPES, default="float32")
+    srv.add_argument("--num-pages", type=int, default=1024, help="KV cache pages shared by all requests")
+    srv.add_argument("--page-size", type=int, default=16)
+    srv.add_argument("--max-running", type=int, default=32, help="most requests decoding at once")
+    srv.add_argument("--token-budget", type=int, default=256, help="most tokens in one engine step")
+    srv.add_argument("--max-context", type=int, default=None, help="default: the model's, as far as the pool holds")
+    srv.set_defaults(run=_serve)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -138,8 +139,17 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_context: 
 
 
 def serve(app: fastapi.FastAPI, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the app on uvicorn until interrupted."""
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
+    """Run the app on uvicorn until interrupted (Ctrl-C or SIGTERM: a graceful shutdown, then return)."""
+    # Access logs are logs: to stderr with the rest (uvicorn's default sends them to stdout).
+    log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=log_config,
+                            timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises the signal once it has shut down; the shutdown was clean, so say so and return.
+        log.info("server stopped")
 
 
 class ServerThread:

@@ -1,0 +1,68 @@
+"""Assemble a servable app from a model name or directory: model, tokenizer, scheduler, engine, HTTP app.
+
+`jvila serve` and the serving benchmark build their servers here, so they serve the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from flax import nnx
+
+from serving.api_keys import ApiKeys
+from serving.api_server import create_app
+from serving.async_engine import AsyncEngine
+from serving.engine import Engine
+from serving.scheduler import make_scheduler
+
+log = logging.getLogger("jvila")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    num_pages: int = 1024
+    page_size: int = 16
+    max_running: int = 32
+    token_budget: int = 256
+    max_context: int | None = None  # default: the model's, as far as the pool holds it
+    cache_dtype: object = None
+
+
+def make_scheduler_for(name: str, *, api_keys: ApiKeys | None = None, rpm_limit: int | None = None):
+    """The named policy; VTC is weighted by the API keys' client weights, RPM needs its limit."""
+    weights = api_keys.weights if api_keys is not None and name.startswith("vtc") else None
+    return make_scheduler(name, weights=weights, rpm_limit=rpm_limit if name == "rpm" else None)
+
+
+def build_engine(graphdef, state, tokenizer, *, scheduler, options: EngineOptions = EngineOptions(),
+                 attention=None) -> Engine:
+    return Engine(graphdef, state, eos_ids=tokenizer.eos_ids, num_pages=options.num_pages,
+                  page_size=options.page_size, max_running=options.max_running, token_budget=options.token_budget,
+                  max_context=options.max_context, scheduler=scheduler, attention=attention,
+                  cache_dtype=options.cache_dtype,
+                  detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def build_app(model_name_or_dir: str, *, served_name: str | None = None, param_dtype=None, scheduler: str = "vtc",
+              rpm_limit: int | None = None, api_keys: ApiKeys | None = None,
+              options: EngineOptions = EngineOptions()):
+    """(app, engine) for a known model name, a jvila checkpoint, a GGUF file or an HF directory."""
+    import jax.numpy as jnp
+
+    from jvila.checkpoints.pretrained import load_pretrained
+    from jvila.processing.tokenizer import Tokenizer
+
+    start = time.perf_counter()
+    model, tok_dir = load_pretrained(model_name_or_dir, param_dtype=param_dtype or jnp.float32)
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    graphdef, state = nnx.split(model)
+    policy = make_scheduler_for(scheduler, api_keys=api_keys, rpm_limit=rpm_limit)
+    engine = build_engine(graphdef, state, tokenizer, scheduler=policy, options=options)
+    log.info("loaded %s in %.1fs: context %d tokens, %d pages of %d, scheduler %s", model_name_or_dir,
+             time.perf_counter() - start, engine.max_context, options.num_pages, options.page_size, scheduler)
+    # The media seam: a text-only checkpoint has no media prompt builder, so images get a clear 400.
+    app = create_app(AsyncEngine(engine), tokenizer, model_name=served_name or model_name_or_dir,
+                     max_context=engine.max_context, vocab_size=engine.vocab_size, api_keys=api_keys)
+    return app, engine
