@@ -19,8 +19,10 @@ from jvila.models.llm import LLM
 from serving.engine import Engine
 from serving.request import FinishReason, Request, SamplingParams
 
-CFG = LLMConfig(vocab_size=89, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
-                head_dim=8, max_position_embeddings=256)
+# The model and pool of test_engine_equivalence.py: run together, the two files share the step's compilations.
+CFG = LLMConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=8, max_position_embeddings=512)
+NUM_PAGES = 20
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def split_model():
 
 def make_engine(split_model, **kwargs):
     graphdef, state = split_model
-    kwargs = {"num_pages": 48, "page_size": 4, "token_budget": 32, "attention": dense_attention, **kwargs}
+    kwargs = {"num_pages": NUM_PAGES, "page_size": 8, "token_budget": 32, "attention": dense_attention, **kwargs}
     return Engine(graphdef, state, **kwargs)
 
 
@@ -58,7 +60,7 @@ def test_bad_requests_are_refused_clearly(split_model):
         engine.add_request(Request("media", [1, 2], input_embeddings=np.ones((2, 7), np.float32),
                                    embedding_mask=np.ones(2, bool)))
     with pytest.raises(ValueError, match="max_context"):
-        make_engine(split_model, num_pages=4, page_size=4, max_context=17)
+        make_engine(split_model, num_pages=4, page_size=4, max_context=17)  # more than the pool holds
     assert engine.metrics()["waiting"] == 1  # refused requests left no trace
 
 
@@ -76,13 +78,14 @@ def test_stop_token_ids_eos_and_ignore_eos(split_model):
                                                                  stop_token_ids=(stop,))))
     while engine.has_unfinished():
         outs += engine.step()
-    tokens = {rid: [t for o in outs if o.request_id == rid for t in o.new_token_ids] for rid in ("eos", "ignore", "stop-id")}
+    tokens = {rid: [t for o in outs if o.request_id == rid for t in o.new_token_ids]
+              for rid in ("eos", "ignore", "stop-id")}
     last = {o.request_id: o for o in outs if o.finish_reason is not None}
     assert tokens == {"eos": cut, "ignore": free, "stop-id": cut}
     assert [last[r].finish_reason for r in ("eos", "ignore", "stop-id")] == [
         FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP]
     assert last["ignore"].num_output_tokens == 12 and last["eos"].num_prompt_tokens == 13
-    assert engine.allocator.num_free == 48
+    assert engine.allocator.num_free == NUM_PAGES
 
 
 def test_context_limit_ends_with_length(split_model):
@@ -133,7 +136,7 @@ def test_abort_frees_pages_at_once_and_reports(split_model):
     while engine.has_unfinished():
         later += engine.step()
     assert {o.request_id for o in later} == {"b"}
-    assert engine.metrics()["aborted"] == 2 and engine.allocator.num_free == 48
+    assert engine.metrics()["aborted"] == 2 and engine.allocator.num_free == NUM_PAGES
     engine.add_request(Request("a", [1, 2]))  # the id is free again
 
 
@@ -160,12 +163,12 @@ def test_seeded_sampling_does_not_depend_on_the_batch_or_preemption(split_model)
     prompt = random_prompt(rng, 11)
     sampled = SamplingParams(max_tokens=16, temperature=1.3, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
     alone = make_engine(split_model).run_to_completion([Request("s", prompt, sampled)])["s"]
-    # The same request among greedy ones, in a pool so small that sequences get preempted.
-    engine = make_engine(split_model, num_pages=14, page_size=4, max_context=56, token_budget=24)
-    others = [Request(f"g{i}", random_prompt(rng, 15), SamplingParams(max_tokens=14, ignore_eos=True))
-              for i in range(4)]
-    crowded = engine.run_to_completion(others[:2] + [Request("s", prompt, sampled)] + others[2:])["s"]
-    assert engine.metrics()["preemptions"] > 0
+    # The same request among greedy ones that need 42 pages of the pool's 20: sequences get preempted.
+    engine = make_engine(split_model)
+    others = [Request(f"g{i}", random_prompt(rng, 30), SamplingParams(max_tokens=20, ignore_eos=True))
+              for i in range(6)]
+    crowded = engine.run_to_completion(others[:3] + [Request("s", prompt, sampled)] + others[3:])["s"]
+    assert engine.metrics()["preemptions"] > 0 and engine.allocator.num_free == NUM_PAGES
     assert crowded == alone
     other_seed = make_engine(split_model).run_to_completion(
         [Request("s", prompt, dataclasses.replace(sampled, seed=8))])["s"]
