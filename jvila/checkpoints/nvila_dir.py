@@ -30,6 +30,7 @@ from jvila.checkpoints.param_mapping import hf_to_jvila, jvila_to_hf
 from jvila.checkpoints.vision_mapping import (
     projector_hf_to_jvila,
     projector_jvila_to_hf,
+    siglip_config_for_tensors,
     siglip_hf_to_jvila,
     siglip_jvila_to_hf,
 )
@@ -132,7 +133,9 @@ def nvila_to_params(ckpt: NVILACheckpoint) -> tuple[NVILAConfig, dict[str, np.nd
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"cannot read {LLM_DIR}/config.json: {e}") from e
     try:
-        vision_cfg = SiglipConfig.from_hf(ckpt.vision_tower.config)
+        # Towers saved without `vision_use_head` (NVILA's) read as having a head: the tensors decide.
+        vision_cfg = siglip_config_for_tensors(SiglipConfig.from_hf(ckpt.vision_tower.config),
+                                               ckpt.vision_tower.tensors)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot read {VISION_DIR}/config.json: {e}") from e
     tokenizer_files = with_media_tokens(ckpt.llm.tokenizer_files, llm_cfg.vocab_size)

@@ -141,6 +141,19 @@ def test_missing_tokenizer(nvila_dir, tmp_path):
         convert(nvila_dir, tmp_path / "jv")
 
 
+def test_tower_config_without_head_flag(nvila_dir, tmp_path):
+    # Towers saved before `vision_use_head` existed omit it (transformers then assumes a head);
+    # NVILA's carries no head tensors, and those decide.
+    for config_file in (nvila_dir / "vision_tower" / "config.json", nvila_dir / "config.json"):
+        config = json.loads(config_file.read_text())
+        tower = config.get("vision_tower_cfg", config)
+        tower.pop("vision_use_head", None)
+        config_file.write_text(json.dumps(config))
+    convert(nvila_dir, tmp_path / "jv")
+    cfg, _, _ = load_checkpoint(tmp_path / "jv")
+    assert cfg.vision.use_head is False
+
+
 def test_unknown_projector_type(nvila_dir, tmp_path):
     config = json.loads((nvila_dir / "mm_projector" / "config.json").read_text())
     (nvila_dir / "mm_projector" / "config.json").write_text(json.dumps(config | {"mm_projector_type": "qformer"}))
