@@ -26,6 +26,9 @@ from jvila.models.kv_cache import KVCache
 from serving.sampling import SampleOutput, SamplingArrays, sample
 
 MIN_TOKENS = 8  # smallest token bucket: a handful of decode rows share one compilation
+# Smallest page-table bucket, in tokens: short contexts share one compilation (gathering a few
+# more pages than needed costs less than compiling the whole model again).
+MIN_CONTEXT = 64
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -128,7 +131,7 @@ class StepRunner:
         tokens_b = bucket(num_tokens, MIN_TOKENS)
         # Only as many table columns as the longest row needs: the dense attention reads them all.
         pages_needed = int(np.max(-(-(batch.context_lens + q_lens) // self.page_size), initial=1))
-        pages_b = min(bucket(pages_needed), self.max_pages_per_seq)
+        pages_b = min(bucket(pages_needed, -(-MIN_CONTEXT // self.page_size)), self.max_pages_per_seq)
 
         tokens = _pad(np.asarray(batch.token_ids, np.int32), tokens_b)
         cu_q_lens = _pad(np.asarray(batch.cu_q_lens, np.int32), rows_b + 1, fill=num_tokens)

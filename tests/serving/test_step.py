@@ -12,7 +12,7 @@ from jvila.models import functional
 from jvila.models.attention import dense_attention
 from jvila.models.kv_cache import contiguous_cache
 from jvila.models.llm import LLM
-from serving.step import StepBatch, StepRunner
+from serving.step import MIN_CONTEXT, StepBatch, StepRunner
 
 CFG = LLMConfig(vocab_size=83, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=8)
@@ -201,29 +201,30 @@ def test_copy_pages_forks_a_sequence(split_model):
 def test_compilations_are_bounded_by_buckets(split_model):
     graphdef, state = split_model
     rng = np.random.default_rng(6)
-    runner = StepRunner(graphdef, state, num_pages=64, page_size=PAGE, max_pages_per_seq=8)
+    pages_per_row = 2 * MIN_CONTEXT // PAGE
+    num_pages = 4 * pages_per_row + 3
+    runner = StepRunner(graphdef, state, num_pages=num_pages, page_size=PAGE, max_pages_per_seq=pages_per_row)
 
     def step(q_lens, context):
         rows = len(q_lens)
         cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        table = rng.permutation(64)[: rows * 8].reshape(rows, 8).astype(np.int32)
+        table = rng.permutation(num_pages)[: rows * pages_per_row].reshape(rows, pages_per_row).astype(np.int32)
         runner.run(StepBatch(rng.integers(0, CFG.vocab_size, cu[-1]).astype(np.int32), cu,
                              np.asarray(context, np.int32), table))
 
-    step([3, 5], [0, 0])  # 8 tokens, 2 rows, 2 pages
+    step([3, 5], [0, 0])  # 8 tokens, 2 rows, contexts within the smallest page bucket
     before = StepRunner.num_compilations()
-    # Same buckets (tokens <= 8, rows 2, pages <= 2): any composition reuses the compilation.
-    for q_lens, context in (([1, 1], [4, 7]), ([8, 0], [0, 0]), ([2, 4], [3, 1]), ([1, 7], [0, 1])):
+    # Same buckets (tokens <= 8, rows 2, contexts <= MIN_CONTEXT): any composition reuses the compilation.
+    for q_lens, context in (([1, 1], [4, 7]), ([8, 0], [0, 0]), ([2, 4], [3, 1]), ([1, 7], [0, MIN_CONTEXT - 7])):
         step(q_lens, context)
     assert StepRunner.num_compilations() == before
-    # Rows 3 and 4 share the 4-row bucket; tokens 9..16 share the 16 bucket (rows still need at
-    # most 2 pages): two more in all.
+    # Rows 3 and 4 share the 4-row bucket; tokens 9..16 share the 16 bucket: two more in all.
     for q_lens, context in (([1, 1, 1], [1, 5, 3]), ([1, 1, 1, 1], [0, 5, 6, 7])):
         step(q_lens, context)
-    for q_lens, context in (([4, 4, 4], [0, 2, 3]), ([5, 5, 5, 1], [0, 0, 1, 3])):
+    for q_lens, context in (([9, 1, 1], [0, 2, 3]), ([5, 5, 5, 1], [0, 0, 1, 3])):
         step(q_lens, context)
     assert StepRunner.num_compilations() == before + 2
-    step([1, 1], [20, 3])  # 21 tokens need 6 pages: the 8-page bucket
+    step([1, 1], [MIN_CONTEXT + 6, 3])  # a longer context: the next page bucket
     assert StepRunner.num_compilations() == before + 3
 
 
