@@ -78,7 +78,8 @@ def run_once(split, scheduler: str, args) -> dict:
         waiting = engine.scheduler.waiting_by_client()
         tracker.record(engine.scheduler.service(), {c: waiting.get(c, 0) > 0 for c in clients})
     service = engine.scheduler.service()
-    return {"step_times": step_times, "step_cpu": step_cpu, "made": made, "max_diff": tracker.max_diff, "avg_diff": tracker.avg_diff,
+    return {"step_times": step_times, "step_cpu": step_cpu, "made": made,
+            "max_diff": tracker.max_diff, "avg_diff": tracker.avg_diff,
             "service": service, "pool_tokens": args.num_pages * args.page_size,
             "preemptions": engine.metrics().get("preemptions", 0)}
 

@@ -73,7 +73,8 @@ class PageAllocator:
         self._key_of: list[bytes | None] = [None] * num_pages  # set once the page is full and shareable
         self._cached: dict[bytes, int] = {}  # key -> the page that prefix lookups hand out
         self._free_plain: collections.deque[int] = collections.deque(range(num_pages))  # unreferenced, no key
-        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # unreferenced, keyed; LRU first
+        # Unreferenced pages that keep a key, least recently used first.
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._seqs: dict[str, _Sequence] = {}
         self._prefix_hit_tokens = 0
         self._prefix_lookup_tokens = 0
