@@ -72,7 +72,8 @@ class Engine:
         self._clock = clock
         self._seed_rng = np.random.default_rng(seed)
         self._running: list[Sequence] = []  # admission order: the last is the first to be preempted
-        self._preempted: dict[str, Sequence] = {}  # requeued in the scheduler, keeping their tokens
+        # Waiting in the scheduler: new ones, and preempted ones keeping the tokens they made.
+        self._waiting: dict[str, Sequence] = {}
         self._known: set[str] = set()  # ids waiting or running
         self._pending_outputs: list[RequestOutput] = []  # aborts, reported by the next step
         self._counts = {"steps": 0, "tokens_generated": 0, "prompt_tokens_computed": 0, "preemptions": 0,
@@ -98,6 +99,8 @@ class Engine:
                              f"the model's hidden size is {self.hidden_size}")
         self.scheduler.add(request, self._clock())  # may raise RateLimited before anything is recorded
         self._known.add(rid)
+        # The seed is drawn on arrival, so a request's samples do not depend on when it is admitted.
+        self._waiting[rid] = Sequence(request, seed=self._draw_seed(request))
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is, freeing its pages now; the next step reports it (finish ABORT).
@@ -111,10 +114,8 @@ class Engine:
             self._running.remove(seq)
             self.allocator.free(request_id)
         else:
-            request = self.scheduler.remove(request_id)
-            seq = self._preempted.pop(request_id, None)
-            if seq is None:
-                seq = Sequence(request, seed=0)
+            self.scheduler.remove(request_id)
+            seq = self._waiting.pop(request_id)
         self._known.discard(request_id)
         self._counts["aborted"] += 1
         self.scheduler.on_finish(seq.request, seq.num_output)
@@ -217,13 +218,13 @@ class Engine:
             def fits(request: Request) -> bool:
                 if state["budget"] <= 0 or len(self._running) >= self.max_running:
                     return False
-                seq = self._preempted.get(request.request_id) or Sequence(request, seed=self._draw_seed(request))
+                seq = self._waiting[request.request_id]
                 try:
                     num_cached = self.allocator.allocate(request.request_id, seq.tokens,
                                                          cacheable_len=seq.cacheable_len)
                 except OutOfPages:
                     return False
-                self._preempted.pop(request.request_id, None)
+                del self._waiting[request.request_id]
                 seq.num_computed = num_cached
                 chunk = min(seq.num_pending, state["budget"])
                 state["budget"] -= chunk
@@ -239,7 +240,7 @@ class Engine:
         self.allocator.free(seq.request_id)
         seq.num_computed = 0
         seq.num_preemptions += 1
-        self._preempted[seq.request_id] = seq
+        self._waiting[seq.request_id] = seq
         self._counts["preemptions"] += 1
         self.scheduler.requeue(seq.request)
 
