@@ -178,7 +178,7 @@ class AsyncEngine:
     def _add(self, request: Request, loop, stream: RequestStream, accepted) -> None:
         try:
             self.engine.add_request(request)
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 — a refused request is the caller's error; the engine goes on
             _resolve(loop, accepted, error=e)
             return
         self._streams[request.request_id] = (loop, stream)

@@ -36,7 +36,8 @@ _ENGINE_COUNTERS = {
     "aborted": ("aborted_requests_total", "Requests aborted (client gone or cancelled)."),
 }
 _PER_CLIENT = {
-    "client_service": ("client_service_tokens", "Tokens computed for each client (prompt and output)."),
+    "client_service": ("client_service", "Service each client received, in the scheduler's cost "
+                                         "(w_p per prompt token + w_q per output token)."),
     "scheduler_counters": ("scheduler_counter", "The scheduler's counter per client (VTC: virtual tokens)."),
 }
 

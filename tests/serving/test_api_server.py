@@ -352,11 +352,14 @@ def test_api_keys_are_required_and_name_the_client(served):
         openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0).models.list()
     bob = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY_BOB, max_retries=0, timeout=60)
     assert [m.id for m in bob.models.list().data] == [MODEL_NAME]
-    before = read_metrics(server).get(f'jvila_client_service_tokens{{model="{MODEL_NAME}",client="bob"}}', 0.0)
+    before = read_metrics(server).get(f'jvila_client_service{{model="{MODEL_NAME}",client="bob"}}', 0.0)
     bob.completions.create(model=MODEL_NAME, prompt="Hello world", max_tokens=3, temperature=0,
                            extra_body={"ignore_eos": True})
-    after = read_metrics(server)[f'jvila_client_service_tokens{{model="{MODEL_NAME}",client="bob"}}']
+    after = read_metrics(server)[f'jvila_client_service{{model="{MODEL_NAME}",client="bob"}}']
     assert after >= before + 3  # bob's prompt and output tokens are charged to bob, not to alice
+    # The keys file's weights reach the VTC scheduler.
+    scheduler = served["engine"].scheduler
+    assert scheduler.weight("alice") == 2.0 and scheduler.weight("bob") == 1.0
     assert raw_request(server, "GET", "/health") == (200, {"status": "ok"})  # no key needed
 
 
