@@ -8,6 +8,11 @@ Full pages of a prompt prefix already in the pool are shared instead of recomput
 allocator finds them by hash). When a running sequence needs a page and none is free, the
 newest running sequence is preempted by recompute: its pages are freed and it goes back to the
 front of its queue, keeping the tokens it has produced, so it later resumes where it stopped.
+A request with media brings input embeddings for some prompt rows; its pages are shared only
+up to its first media row, since the K/V past it depend on more than the token ids.
+
+A request ends at an end-of-sequence id (unless ignore_eos), a stop token id, a stop string
+(with a `detokenize`), max_tokens, or the context; `abort` ends it at once and frees its pages.
 
 The device work is one `StepRunner.run` per step; everything here is host-side bookkeeping.
 """
