@@ -73,6 +73,17 @@ def test_incremental_text_holds_back_partial_stops_and_characters():
     assert "\ufffd" not in "".join(pieces) and "".join(pieces) + stream.finish() == "né🙂x"
     assert pieces[1] == "" and pieces[2] == "é"  # é is two bytes
 
+    # A decoder whose output depends on the previous token (words joined by spaces, as SentencePiece
+    # drops the first word's space): the windowed decoding still sends exactly the full text.
+    words = [str(w) for w in rng.integers(0, 1000, 30)]
+
+    def join(word_ids):
+        return " ".join(words[i] for i in word_ids)
+
+    stream = IncrementalText(join)
+    sent = "".join(stream.add([i]) for i in range(30)) + stream.finish()
+    assert sent == join(range(30))
+
     # A partial stop string at the end is sent once the generation ends without completing it.
     stream = IncrementalText(_letters, stop=["xyz"])
     assert stream.add([0, 23]) == "a" and stream.add([24]) == "" and stream.finish() == "xy"
