@@ -1,9 +1,9 @@
 """The attention interface served by the Pallas kernels (see `jvila.models.attention`).
 
 Without a cache: flash attention (causal, segment ids). With the paged cache: paged decode
-attention for one-token steps, ragged paged attention for prefill chunks and for packed tokens. Each kernel entry
-point dispatches by platform itself (cuDNN, Pallas or XLA on GPU; references on CPU);
-`implementation` forces one, e.g. "pallas_interpret" in CPU tests.
+attention for one-token steps, ragged paged attention for prefill chunks and packed tokens.
+Each kernel entry point dispatches by platform itself (cuDNN, Pallas or XLA on GPU; references
+on CPU); `implementation` forces one, e.g. "pallas_interpret" in CPU tests.
 
 On a mesh, every kernel call runs under `jax.shard_map`: XLA cannot partition a Pallas custom
 call (Mosaic refuses outright; elsewhere it would gather whole activations onto each device).
