@@ -85,7 +85,7 @@ def build(config: str):
         model, tok_dir = load_pretrained("smollm2-135m-instruct")
         path = resolve_gguf("smollm2-135m-instruct")
         hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                               torch_dtype=torch.float32).eval()
+                                                               dtype=torch.float32).eval()
         return *nnx.split(model), Tokenizer.from_dir(tok_dir), hf, "cpu", "SmolLM2-135M-Instruct fp32"
     if config == "qwen2-0.5b-random":
         from jvila.checkpoints.convert import hf_to_params
