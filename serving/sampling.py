@@ -53,22 +53,44 @@ def row_keys(seeds: jax.Array, output_index: jax.Array) -> jax.Array:
     return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, output_index)
 
 
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """int32 keys ordered as the float32 values are (sign-magnitude → two's complement)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _largest_key_reaching(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest key tau with sum(weights[keys >= tau]) >= target (the row's minimum key
+    if none reaches it). Bisection over the int32 keys: 32 rounds find it exactly."""
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+        reaches = jnp.sum(jnp.where(keys >= mid[:, None], weights, 0), axis=-1) >= target
+        return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid - 1)
+
+    lo, _ = jax.lax.fori_loop(0, 32, halve, (keys.min(axis=-1), keys.max(axis=-1)))
+    return lo
+
+
 def truncate(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Sets every logit outside a row's top-k / top-p support to -inf. scaled [rows, vocab]."""
+    """Sets every logit outside a row's top-k / top-p support to -inf. scaled [rows, vocab].
+
+    Top-k keeps the tokens at or above the k-th largest logit; top-p then keeps the smallest set
+    of the most likely of those whose renormalised mass reaches p (the most likely token always
+    stays). Both thresholds are found by bisection, not by sorting the vocabulary: on a CPU a
+    sort of 8 x 49k logits costs ~10x more than 2 x 32 masked sums.
+    """
     vocab = scaled.shape[-1]
-    ordered = -jnp.sort(-scaled, axis=-1)  # descending
-    rank = jnp.arange(vocab)[None, :]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
-    in_top_k = rank < k
-    probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
-    # Keep a token while the mass of the tokens ranked above it is below p: the smallest prefix
-    # whose mass reaches p. The most likely token always stays (mass above it is 0 < p).
-    mass_above = jnp.cumsum(probs, axis=-1) - probs
-    # p = 1 keeps all of top-k outright: rounding can push the running mass to 1 before the tail.
-    in_top_p = (mass_above < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    kept = jnp.sum(in_top_k & in_top_p, axis=-1, keepdims=True)
-    threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
-    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    keys = _ordered_keys(scaled)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = _largest_key_reaching(keys, jnp.ones((), jnp.int32), k)
+    in_top_k = keys >= kth[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
+    # p = 1 keeps all of top-k outright: rounding can leave the total mass just under 1.
+    cut = _largest_key_reaching(keys, probs, top_p)
+    keep = in_top_k & ((keys >= cut[:, None]) | (top_p[:, None] >= 1.0))
+    return jnp.where(keep, scaled, -jnp.inf)
 
 
 def sample(logits: jax.Array, params: SamplingArrays, *, num_top: int = 0) -> SampleOutput:
@@ -79,7 +101,7 @@ def sample(logits: jax.Array, params: SamplingArrays, *, num_top: int = 0) -> Sa
 
     def draw(_):
         scaled = logits / jnp.where(greedy, 1.0, params.temperature)[:, None]
-        # The sort behind top-k/top-p costs more than the rest of sampling: only when a row asks.
+        # Truncation costs more than the rest of sampling: only when a row asks for it.
         truncating = jnp.any(~greedy & ((params.top_k > 0) | (params.top_p < 1.0)))
         scaled = jax.lax.cond(truncating, lambda s: truncate(s, params.top_k, params.top_p), lambda s: s, scaled)
         noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(
