@@ -102,7 +102,7 @@ def _greedy(hf, ids, max_tokens, eos_ids, top, embeds):
 @contextlib.contextmanager
 def live_server(tokenizer, graphdef, state, *, api_keys=None, scheduler: str = "fcfs",
                 num_pages: int = NUM_PAGES, page_size: int = 16, max_running: int = 4, token_budget: int = 8,
-                media_prompt=None):
+                media_prompt=None, rpm_limit: int | None = None):
     """The real engine behind the HTTP server on 127.0.0.1 (a free port); stopped on exit.
 
     The defaults keep the step's bucket shapes few (each is one compilation) and equal across test
@@ -110,7 +110,7 @@ def live_server(tokenizer, graphdef, state, *, api_keys=None, scheduler: str = "
     """
     options = EngineOptions(num_pages=num_pages, page_size=page_size, max_running=max_running,
                             token_budget=token_budget, max_context=CONTEXT)
-    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for(scheduler, api_keys=api_keys),
+    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for(scheduler, api_keys=api_keys, rpm_limit=rpm_limit),
                           options=options)
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, tokenizer, model_name=MODEL_NAME, max_context=engine.max_context,

@@ -471,6 +471,19 @@ def test_images_reach_the_media_seam_as_input_embeddings(served, client):
     assert response.usage.prompt_tokens == len(ids)
 
 
+def test_a_rate_limited_client_gets_429(served):
+    """Under the RPM scheduler, a client past its requests per minute is refused with OpenAI's 429."""
+    with live_server(served["tokenizer"], *tiny_model(served["tokenizer"].vocab_size)[1:], scheduler="rpm",
+                     rpm_limit=2) as (server, _, engine):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for _ in range(2):
+            client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=2, temperature=0)
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=2, temperature=0)
+        assert refused.value.body["code"] == "rate_limit_exceeded"
+        assert engine.metrics()["waiting"] == 0 and raw_request(server, "GET", "/health")[0] == 200
+
+
 def test_jvila_serve_command_end_to_end(tmp_path):
     """`jvila serve` on an HF directory in a child process: it answers, then stops cleanly on Ctrl-C."""
     tokenizer = tiny_tokenizer()
