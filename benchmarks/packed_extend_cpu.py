@@ -5,7 +5,8 @@ step (one token per row) and a mixed step (one row's 120-token prompt chunk besi
 each through the padded extend (rows padded to the longest chunk), the packed extend with the
 dense attention (per-row query blocks), the packed extend with the ragged reference attention
 (it gathers K/V once per query token), and the full serving step (StepRunner: packed extend +
-sampling + host round trip). Prints medians and ratios to the padded extend last.
+sampling + host round trip), greedy and with temperature + top-p + top-5 logprobs. Prints
+medians and ratios to the padded extend last.
 
     python benchmarks/packed_extend_cpu.py [--context 256] [--repeats 7]
 """
@@ -38,17 +39,19 @@ ROWS, PAGE = 8, 16
 
 
 def median_times(fns: dict, repeats: int) -> dict:
-    """Median seconds per call of each fn, calls interleaved round-robin so that load from other
-    processes on the machine falls on every path alike."""
+    """Median (wall, process CPU) seconds per call of each fn. Calls interleave round-robin so
+    that load from other processes falls on every path alike; CPU time (all threads) is the
+    steadier measure of work on a shared machine."""
     for fn in fns.values():
         fn()  # compile
-    times = {name: [] for name in fns}
+    times = {name: ([], []) for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name][0].append(time.perf_counter() - wall)
+            times[name][1].append(time.process_time() - cpu)
+    return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"), donate_argnames=("cache",))
@@ -110,11 +113,15 @@ def main():
 
         runner = StepRunner(graphdef, state, num_pages=num_pages, page_size=PAGE, max_pages_per_seq=pages_per_row)
         batch = StepBatch(tokens, cu, context, table)
+        sampled = StepBatch(tokens, cu, context, table, temperature=np.full(ROWS, 0.8, np.float32),
+                            top_p=np.full(ROWS, 0.9, np.float32), seeds=np.arange(ROWS),
+                            output_index=np.zeros(ROWS, np.int32), num_logprobs=5)
         times = median_times({
             "padded extend, dense": run_padded,
             "packed extend, dense (query blocks)": lambda: run_packed(dense_attention),
             "packed extend, ragged reference": lambda: run_packed(KernelAttention("reference")),
             "StepRunner.run (packed + greedy)": lambda: runner.run(batch),
+            "StepRunner.run (top-p, logprobs)": lambda: runner.run(sampled),
         }, args.repeats)
         holder.clear()
         del runner
@@ -122,11 +129,12 @@ def main():
 
     print(f"\nSmolLM2-135M shape, float32, {ROWS} rows x {args.context} cached tokens, page {PAGE}, "
           f"{jax.devices()[0].platform}, median of {args.repeats}")
-    print(f"{'case':28s} {'path':38s} {'ms':>9s} {'tok/s':>9s} {'vs padded':>10s}")
+    print(f"{'case':28s} {'path':38s} {'wall ms':>9s} {'cpu ms':>9s} {'tok/s':>7s} {'vs padded (wall, cpu)':>22s}")
     for case, (times, total) in results.items():
-        base = times["padded extend, dense"]
-        for path, t in times.items():
-            print(f"{case:28s} {path:38s} {t * 1e3:9.1f} {total / t:9.0f} {base / t:9.2f}x")
+        base_wall, base_cpu = times["padded extend, dense"]
+        for path, (wall, cpu) in times.items():
+            print(f"{case:28s} {path:38s} {wall * 1e3:9.1f} {cpu * 1e3:9.1f} {total / wall:7.0f} "
+                  f"{base_wall / wall:10.2f}x {base_cpu / cpu:10.2f}x")
 
 
 if __name__ == "__main__":
