@@ -65,6 +65,11 @@ class Model:
         return isinstance(self.model, NVILA)
 
     @property
+    def decoder(self):
+        """(graphdef, state) of the language model the functional core and the serving engine run."""
+        return self._graphdef, self._state
+
+    @property
     def config(self):
         """The model's config: an `LLMConfig`, or an `NVILAConfig` for NVILA."""
         return self.model.config
@@ -145,8 +150,17 @@ class Model:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def media_prompt(self, prompt: Prompt, *, images=(), videos=(), num_frames: int | None = None):
+        """(expanded ids, input embeddings [L, hidden], embedding mask [L]) of one prompt with its media
+        spliced in: what the serving engine takes for a request with images or videos.
+
+        Media may also sit in the chat messages themselves as content parts ({"type": "image",
+        "image": PIL image, path or data: URL}, ...), as the OpenAI-compatible server passes them.
+        """
+        self._require_media()
+        return self._media_prompt(prompt, list(images), list(videos), num_frames)
+
     def _media_prompt(self, prompt: Prompt, images, videos, num_frames):
-        """(expanded ids, input embeddings, embedding mask) of one prompt with its media spliced in."""
         built = build_media_prompt(self.tokenizer, self.media_settings, prompt, images=images, videos=videos,
                                    num_video_frames=num_frames)
         blocks = []

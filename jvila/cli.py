@@ -43,8 +43,6 @@ def _convert(args) -> int:
 
 
 def _serve(args) -> int:
-    import jax.numpy as jnp
-
     # The server lives in serving/, above jvila: imported only when serving.
     from serving.api_keys import ApiKeys
     from serving.api_server import serve
@@ -56,7 +54,7 @@ def _serve(args) -> int:
             raise ValueError("--scheduler rpm needs --rpm-limit (requests per minute per client)")
         options = EngineOptions(num_pages=args.num_pages, page_size=args.page_size, max_running=args.max_running,
                                 token_budget=args.token_budget, max_context=args.max_context)
-        app, _ = build_app(args.model, served_name=args.served_name, param_dtype=getattr(jnp, args.dtype),
+        app, _ = build_app(args.model, served_name=args.served_name, dtype=args.dtype,
                            scheduler=args.scheduler, rpm_limit=args.rpm_limit, api_keys=api_keys, options=options)
     except ValueError as e:
         print(f"jvila: error: {e}", file=sys.stderr)

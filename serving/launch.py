@@ -9,8 +9,6 @@ import dataclasses
 import logging
 import time
 
-from flax import nnx
-
 from serving.api_keys import ApiKeys
 from serving.api_server import create_app
 from serving.async_engine import AsyncEngine
@@ -45,24 +43,24 @@ def build_engine(graphdef, state, tokenizer, *, scheduler, options: EngineOption
                   detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
-def build_app(model_name_or_dir: str, *, served_name: str | None = None, param_dtype=None, scheduler: str = "vtc",
-              rpm_limit: int | None = None, api_keys: ApiKeys | None = None,
+def build_app(model_name_or_dir: str, *, served_name: str | None = None, dtype: str = "float32",
+              scheduler: str = "vtc", rpm_limit: int | None = None, api_keys: ApiKeys | None = None,
               options: EngineOptions = EngineOptions()):
-    """(app, engine) for a known model name, a jvila checkpoint, a GGUF file or an HF directory."""
-    import jax.numpy as jnp
-
-    from jvila.checkpoints.pretrained import load_pretrained
-    from jvila.processing.tokenizer import Tokenizer
+    """(app, engine) for a known model name, a jvila checkpoint, a GGUF file, an HF or an NVILA directory."""
+    import jvila
 
     start = time.perf_counter()
-    model, tok_dir = load_pretrained(model_name_or_dir, param_dtype=param_dtype or jnp.float32)
-    tokenizer = Tokenizer.from_dir(tok_dir)
-    graphdef, state = nnx.split(model)
+    model = jvila.load(model_name_or_dir, dtype=dtype)
+    tokenizer = model.tokenizer
+    graphdef, state = model.decoder
     policy = make_scheduler_for(scheduler, api_keys=api_keys, rpm_limit=rpm_limit)
     engine = build_engine(graphdef, state, tokenizer, scheduler=policy, options=options)
     log.info("loaded %s in %.1fs: context %d tokens, %d pages of %d, scheduler %s", model_name_or_dir,
              time.perf_counter() - start, engine.max_context, options.num_pages, options.page_size, scheduler)
-    # The media seam: a text-only checkpoint has no media prompt builder, so images get a clear 400.
+    # The media seam: NVILA splices images into the prompt as input embeddings; a text-only
+    # checkpoint has no media prompt builder, so images get a clear 400.
+    media_prompt = model.media_prompt if model.is_multimodal else None
     app = create_app(AsyncEngine(engine), tokenizer, model_name=served_name or model_name_or_dir,
-                     max_context=engine.max_context, vocab_size=engine.vocab_size, api_keys=api_keys)
+                     max_context=engine.max_context, vocab_size=engine.vocab_size, api_keys=api_keys,
+                     media_prompt=media_prompt)
     return app, engine

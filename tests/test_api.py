@@ -188,3 +188,30 @@ def test_bfloat16_nvila_follows_float32(nvila_dir, tmp_path):
     # bfloat16 keeps 8 mantissa bits (~4e-3 relative per rounding); a few roundings through the
     # tower and projector stay well inside 3e-2, while a wrong cast or layout would not.
     assert np.abs(got.astype(np.float32) - want).max() / np.abs(want).max() < 3e-2
+
+
+def test_server_answers_an_image_as_the_library_does(nvila_dir, tmp_path):
+    """`jvila serve` on an NVILA directory: a chat message with a data: URL image takes the same
+    media path as `jvila.load(...).generate` and gives the same greedy tokens."""
+    import base64
+
+    import openai
+
+    from serving.api_server import ServerThread
+    from serving.launch import EngineOptions, build_app
+
+    image = fx.write_random_image(tmp_path / "photo.png", 61, 43, np.random.default_rng())
+    url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    want = jvila.load(str(nvila_dir[1])).generate("What is this?", images=[image], max_tokens=6)[0]
+    app, engine = build_app(str(nvila_dir[1]), served_name="nvila", scheduler="fcfs",
+                            options=EngineOptions(num_pages=64, page_size=16, max_running=2, token_budget=64))
+    server = ServerThread(app).start()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="nvila", max_tokens=6, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is this?"}]}])
+    finally:
+        server.stop()
+    assert reply.choices[0].message.content == want
+    assert engine.metrics()["pages_used"] == 0
