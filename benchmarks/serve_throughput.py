@@ -181,10 +181,12 @@ def pct(values, q) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=("smollm2-135m", "qwen2-0.5b-random"), default="smollm2-135m")
+    parser.add_argument("--config", choices=("smollm2-135m", "qwen2-0.5b-random"),
+                        help="default: qwen2-0.5b-random on a GPU (as the GPU suite runs it), else smollm2-135m")
     parser.add_argument("--dry-run", action="store_true", help="tiny random model, tiny load: checks the script")
     args = parser.parse_args(argv)
-    config = "dry-run" if args.dry_run else args.config
+    default = "qwen2-0.5b-random" if jax.default_backend() == "gpu" else "smollm2-135m"
+    config = "dry-run" if args.dry_run else args.config or default
     work, options = WORKLOADS[config], OPTIONS[config]
     torch.set_num_threads(os.cpu_count())
     graphdef, state, tokenizer, hf, device, description = build(config)
