@@ -106,9 +106,16 @@ def test_truncated_video_with_index_up_front(tmp_path):
     offset = _write_video(path, 24, rng, options={"movflags": "faststart"})
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+    decoded = []
     with av.open(str(path)) as container:
         claimed = container.streams.video[0].frames
-        decoded = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+        # Where the cut falls (the frames are random), decoding may end with an error rather than
+        # quietly: either way the frames before it are what the file holds.
+        try:
+            for frame in container.decode(video=0):
+                decoded.append(frame.to_ndarray(format="rgb24"))
+        except av.FFmpegError:
+            pass
     assert claimed == 24 and 0 < len(decoded) < 24
     # The last frames before the cut may be the decoder's concealment, so compare pixels, not levels.
     frames = load_video_frames(path, 6)
