@@ -110,8 +110,8 @@ def live_server(tokenizer, graphdef, state, *, api_keys=None, scheduler: str = "
     """
     options = EngineOptions(num_pages=num_pages, page_size=page_size, max_running=max_running,
                             token_budget=token_budget, max_context=CONTEXT)
-    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for(scheduler, api_keys=api_keys, rpm_limit=rpm_limit),
-                          options=options)
+    policy = make_scheduler_for(scheduler, api_keys=api_keys, rpm_limit=rpm_limit)
+    engine = build_engine(graphdef, state, tokenizer, scheduler=policy, options=options)
     async_engine = AsyncEngine(engine)
     app = create_app(async_engine, tokenizer, model_name=MODEL_NAME, max_context=engine.max_context,
                      vocab_size=engine.vocab_size, api_keys=api_keys, media_prompt=media_prompt)

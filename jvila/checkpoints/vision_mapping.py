@@ -11,35 +11,17 @@ jvila names carry the NVILA model's child prefixes, `vision_tower.` and `project
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
-
 import numpy as np
 
 from jvila.checkpoints.errors import CheckpointError
+# One rule shape and the layout-free hooks for every mapping table (the config they get differs).
+from jvila.checkpoints.param_mapping import Rule, _same, _transpose
 from jvila.models.projector import projector_layers
 from jvila.vision_config import SiglipConfig
 
 HF_VISION_PREFIX = "vision_model."
 VISION_PREFIX = "vision_tower."
 PROJECTOR_PREFIX = "projector."
-
-Hook = Callable[[np.ndarray, SiglipConfig], np.ndarray]
-
-
-class Rule(NamedTuple):
-    hf: str
-    jvila: str
-    to_jvila: Hook
-    to_hf: Hook
-
-
-def _same(w, cfg):
-    return w
-
-
-def _transpose(w, cfg):
-    return w.T
-
 
 def _heads_in(w, cfg):  # [heads*d, in] → [in, heads, d]
     return w.T.reshape(w.shape[1], cfg.num_heads, cfg.head_dim)

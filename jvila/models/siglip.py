@@ -98,7 +98,7 @@ class PoolingHead(nnx.Module):
     """SigLIP's attention-pooling head, stored (in the reference's own layout) but never run here."""
 
     def __init__(self, cfg: SiglipConfig, *, rngs: nnx.Rngs, dtype):
-        e, m = cfg.hidden_size, cfg.intermediate_size
+        e = cfg.hidden_size
         self.probe = _param(rngs, (e,), ("embed",), dtype)
         self.in_proj = _param(rngs, (e, 3 * e), ("embed", None), dtype)
         self.in_proj_bias = _param(None, (3 * e,), (None,), dtype, fill=0.0)
