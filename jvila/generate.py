@@ -80,7 +80,10 @@ def generate(
     pages = sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts)
     engine = Engine(graphdef, state, eos_ids=eos_ids, num_pages=bucket(pages, 1), page_size=page_size,
                     max_running=len(prompts), token_budget=max(512, max_context), max_context=max_context,
-                    attention=attention, cache_dtype=cache_dtype)
+                    attention=attention, cache_dtype=cache_dtype,
+                    # Decode steps keep one shape while sequences finish: one compilation, not one per
+                    # row count (each is the whole model).
+                    min_step_rows=len(prompts))
     seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, len(prompts))
     requests = []
     for i, (prompt, (embeddings, mask)) in enumerate(zip(prompts, media)):

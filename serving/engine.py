@@ -51,6 +51,7 @@ class Engine:
         cache_dtype=None,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        min_step_rows: int = 1,  # smallest row (and token) bucket of a step; see StepRunner
     ):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages and page_size must be positive, got {num_pages} and {page_size}")
@@ -73,7 +74,7 @@ class Engine:
         self.scheduler = scheduler if scheduler is not None else make_scheduler("fcfs")
         self.runner = StepRunner(graphdef, state, num_pages=num_pages, page_size=page_size,
                                  max_pages_per_seq=-(-max_context // page_size), attention=attention,
-                                 cache_dtype=cache_dtype)
+                                 cache_dtype=cache_dtype, min_rows=min_step_rows, min_tokens=min_step_rows)
         self._clock = clock
         self._seed_rng = np.random.default_rng(seed)
         self._running: list[Sequence] = []  # admission order: the last is the first to be preempted

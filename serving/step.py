@@ -103,10 +103,12 @@ class StepRunner:
     `attention` defaults to the platform's best (`default_attention`: the dense reference on
     CPU, the Pallas kernels elsewhere); `cache_dtype` to the model's compute dtype.
     `max_logprobs` is the one static top-N computed whenever a batch asks for any.
+    `min_rows`/`min_tokens` raise the smallest row and token buckets: a caller that knows its
+    batch (`generate`) keeps one shape while rows finish, trading padded rows for compilations.
     """
 
     def __init__(self, graphdef, state, *, num_pages: int, page_size: int, max_pages_per_seq: int, attention=None,
-                 cache_dtype=None, max_logprobs: int = 20):
+                 cache_dtype=None, max_logprobs: int = 20, min_rows: int = 1, min_tokens: int = MIN_TOKENS):
         if num_pages < 1 or page_size < 1 or max_pages_per_seq < 1:
             raise ValueError(f"num_pages, page_size and max_pages_per_seq must be positive, got "
                              f"{num_pages}, {page_size}, {max_pages_per_seq}")
@@ -117,6 +119,7 @@ class StepRunner:
         self.num_pages, self.page_size, self.max_pages_per_seq = num_pages, page_size, max_pages_per_seq
         self.attention = attention or default_attention()
         self.max_logprobs = max_logprobs
+        self.min_rows, self.min_tokens = bucket(min_rows), bucket(min_tokens, MIN_TOKENS)
         dtype = cache_dtype or model.compute_dtype
         shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_pages = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
@@ -127,8 +130,8 @@ class StepRunner:
     def run(self, batch: StepBatch) -> StepResult:
         rows, num_tokens = batch.num_rows, batch.num_tokens
         q_lens = self._check(batch)
-        rows_b = bucket(rows)
-        tokens_b = bucket(num_tokens, MIN_TOKENS)
+        rows_b = bucket(rows, self.min_rows)
+        tokens_b = bucket(num_tokens, self.min_tokens)
         # Only as many table columns as the longest row needs: the dense attention reads them all.
         pages_needed = int(np.max(-(-(batch.context_lens + q_lens) // self.page_size), initial=1))
         pages_b = min(bucket(pages_needed, -(-MIN_CONTEXT // self.page_size)), self.max_pages_per_seq)
