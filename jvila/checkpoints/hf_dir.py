@@ -50,13 +50,18 @@ def read_hf_dir(path: str | os.PathLike) -> HFCheckpoint:
     for shard in _weight_files(path):
         tensors |= _read_safetensors(shard)
 
-    tokenizer_files: dict[str, str | bytes] = {}
+    return HFCheckpoint(config=config, tensors=tensors, tokenizer_files=read_tokenizer_files_at(path))
+
+
+def read_tokenizer_files_at(path: pathlib.Path) -> dict[str, str | bytes]:
+    """The tokenizer files an HF directory holds (an empty dict when it holds none)."""
+    files: dict[str, str | bytes] = {}
     for name in TOKENIZER_FILENAMES:
         file = path / name
         if file.is_file():
             data = file.read_bytes()
-            tokenizer_files[name] = data if name.endswith(".model") else data.decode("utf-8")
-    return HFCheckpoint(config=config, tensors=tensors, tokenizer_files=tokenizer_files)
+            files[name] = data if name.endswith(".model") else data.decode("utf-8")
+    return files
 
 
 def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:

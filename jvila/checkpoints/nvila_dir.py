@@ -24,8 +24,8 @@ import tokenizers
 
 from jvila.checkpoints.atomic import atomic_directory
 from jvila.checkpoints.errors import CheckpointError
-from jvila.checkpoints.hf_dir import read_hf_dir, write_hf_dir
-from jvila.checkpoints.hf_form import TOKENIZER_FILENAMES, HFCheckpoint
+from jvila.checkpoints.hf_dir import read_hf_dir, read_tokenizer_files_at, write_hf_dir
+from jvila.checkpoints.hf_form import HFCheckpoint
 from jvila.checkpoints.param_mapping import hf_to_jvila, jvila_to_hf
 from jvila.checkpoints.vision_mapping import (
     projector_hf_to_jvila,
@@ -103,17 +103,6 @@ def read_nvila_dir(path: str | os.PathLike) -> NVILACheckpoint:
     vision.tokenizer_files = {PREPROCESSOR_FILE: preprocessor.read_text(encoding="utf-8")}
     projector = read_hf_dir(path / PROJECTOR_DIR)
     return NVILACheckpoint(config=config, llm=llm, vision_tower=vision, mm_projector=projector)
-
-
-def read_tokenizer_files_at(path: pathlib.Path) -> dict[str, str | bytes]:
-    """The tokenizer files an HF directory holds (an empty dict when it holds none)."""
-    files: dict[str, str | bytes] = {}
-    for name in TOKENIZER_FILENAMES:
-        file = path / name
-        if file.is_file():
-            data = file.read_bytes()
-            files[name] = data if name.endswith(".model") else data.decode("utf-8")
-    return files
 
 
 def write_nvila_dir(ckpt: NVILACheckpoint, path: str | os.PathLike, *, overwrite: bool = False) -> pathlib.Path:
