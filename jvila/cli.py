@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token-budget", type=int, default=256, help="most tokens in one engine step")
     srv.add_argument("--max-context", type=int, default=None, help="default: the model's, as far as the pool holds")
     srv.set_defaults(run=_serve)
+
+    from jvila.eval.cli import add_parser as add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 
