@@ -121,11 +121,7 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_context: 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request,
                                client: Client = fastapi.Depends(authenticate)):
-        _check_model(state, body.model)
-        prompt_ids, embeddings, mask = chat_prompt(state.tokenizer, body.messages, model_name=state.model_name,
-                                                   media_prompt=state.media_prompt)
-        prompts = [(prompt_ids, embeddings, mask)]
-        return await _generate(state, request, body, prompts, client, chat=True)
+        return await chat_completion(state, body, request, client)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: fastapi.Request,
@@ -192,6 +188,21 @@ class ServerThread:
 
 
 # ---- generation ---------------------------------------------------------------------------------
+
+
+async def chat_completion(state: ServerState, body: ChatCompletionRequest, http_request: fastapi.Request,
+                          client: Client):
+    """One chat completion as POST /v1/chat/completions serves it; the Arena's answers come from here too."""
+    _check_model(state, body.model)
+    prompt_ids, embeddings, mask = chat_prompt(state.tokenizer, body.messages, model_name=state.model_name,
+                                               media_prompt=state.media_prompt)
+    prompts = [(prompt_ids, embeddings, mask)]
+    return await _generate(state, http_request, body, prompts, client, chat=True)
+
+
+def served_model_names(state: ServerState) -> list[str]:
+    """The model names this server answers to (the ones /v1/models lists)."""
+    return [state.model_name]
 
 
 async def _generate(state: ServerState, http_request: fastapi.Request, body, prompts, client: Client, *, chat: bool):
