@@ -1,0 +1,151 @@
+"""The adapter store: every adapter the server knows, in host memory, checked against the base model.
+
+Adapters arrive from disk (PEFT directories, at start-up or through the load endpoint) or as
+objects (tests, training). The store refuses anything the pool could not serve: a rank above the
+configured maximum, target modules the model does not have, matrices whose shapes do not fit the
+base, a layer count that differs, a path outside the configured adapter root. Device residency
+is not its business (see `serving.adapters.resident`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from serving.adapters.paged_layout import module_dims, ordered_modules
+
+
+class AdapterError(ValueError):
+    """An adapter the server cannot take, or a request about adapters it cannot honour."""
+
+
+class UnknownAdapter(AdapterError):
+    """No adapter of that name is loaded."""
+
+
+class AdapterInUse(AdapterError):
+    """The adapter still has requests waiting or running."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredAdapter:
+    """One adapter as the server keeps it: per-layer {module: (a [in, r], b [r, out])} float32 numpy, and its scale."""
+
+    rank: int
+    scale: float  # alpha / r (or alpha / sqrt(r) for rsLoRA), applied to x @ A @ B
+    modules: tuple[str, ...]  # targeted projections, canonical order
+    layers: tuple  # per layer: {module: (a, b)}
+    path: str | None = None
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for layer in self.layers for a, b in layer.values())
+
+
+class AdapterStore:
+    """Adapters by name, for one base model."""
+
+    def __init__(self, base_config, *, max_rank: int = 64, root: str | None = None,
+                 reader: Callable[[str, object], StoredAdapter] | None = None):
+        if max_rank < 1:
+            raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+        self.base_config = base_config
+        self.max_rank = max_rank
+        self.root = os.path.realpath(root) if root is not None else None
+        self._reader = reader
+        self._dims = module_dims(base_config)
+        self._adapters: dict[str, StoredAdapter] = {}
+
+    # ---- lookup --------------------------------------------------------------------------------
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def get(self, name: str) -> StoredAdapter:
+        try:
+            return self._adapters[name]
+        except KeyError:
+            raise UnknownAdapter(f"no LoRA adapter named {name!r} is loaded") from None
+
+    # ---- in and out ----------------------------------------------------------------------------
+
+    def read(self, path: str, *, check_root: bool = True) -> StoredAdapter:
+        """An adapter read from a directory and checked, not yet added (slow: call it off the engine thread)."""
+        if self._reader is None:
+            raise AdapterError("this server has no adapter reader")
+        resolved = self.resolve(path) if check_root else os.path.realpath(path)
+        if not os.path.isdir(resolved):
+            raise AdapterError(f"LoRA adapter path {path!r} is not a directory")
+        try:
+            adapter = self._reader(resolved, self.base_config)
+        except (OSError, KeyError) as e:  # missing or unreadable files
+            raise AdapterError(f"cannot read the LoRA adapter at {path!r}: {e}") from None
+        except ValueError as e:
+            raise AdapterError(f"the LoRA adapter at {path!r} does not fit this model: {e}") from None
+        return dataclasses.replace(self.check(adapter), path=resolved)
+
+    def resolve(self, path: str) -> str:
+        """The real path, refused unless it lies under the adapter root."""
+        if self.root is None:
+            raise AdapterError("loading adapters from paths needs an adapter root (--lora-root)")
+        resolved = os.path.realpath(os.path.join(self.root, path))
+        if os.path.commonpath([resolved, self.root]) != self.root:
+            raise AdapterError(f"LoRA adapter path {path!r} lies outside the adapter root")
+        return resolved
+
+    def add(self, name: str, adapter: StoredAdapter) -> None:
+        if not name or not isinstance(name, str):
+            raise AdapterError("an adapter needs a non-empty name")
+        if name in self._adapters:
+            raise AdapterError(f"a LoRA adapter named {name!r} is already loaded")
+        self._adapters[name] = self.check(adapter)
+
+    def remove(self, name: str) -> StoredAdapter:
+        adapter = self.get(name)
+        del self._adapters[name]
+        return adapter
+
+    # ---- checks --------------------------------------------------------------------------------
+
+    def check(self, adapter: StoredAdapter) -> StoredAdapter:
+        """The adapter with float32 numpy weights, or AdapterError saying why it cannot be served here."""
+        if not 1 <= adapter.rank <= self.max_rank:
+            raise AdapterError(f"LoRA rank {adapter.rank} is outside [1, {self.max_rank}] (the maximum is "
+                               "--max-lora-rank)")
+        if not np.isfinite(adapter.scale):
+            raise AdapterError(f"LoRA scale {adapter.scale} is not finite")
+        try:
+            modules = ordered_modules(adapter.modules)
+        except ValueError as e:
+            raise AdapterError(str(e)) from None
+        if not modules:
+            raise AdapterError("the adapter targets no module")
+        if len(adapter.layers) != self.base_config.num_layers:
+            raise AdapterError(f"the adapter has {len(adapter.layers)} layers; the model has "
+                               f"{self.base_config.num_layers}")
+        layers = []
+        for i, layer in enumerate(adapter.layers):
+            if set(layer) != set(modules):
+                raise AdapterError(f"layer {i} holds modules {sorted(layer)}, expected {list(modules)}")
+            checked = {}
+            for m in modules:
+                a, b = (np.asarray(w, np.float32) for w in layer[m])
+                in_dim, out_dim = self._dims[m]
+                if a.shape != (in_dim, adapter.rank) or b.shape != (adapter.rank, out_dim):
+                    raise AdapterError(f"layer {i} {m}: A {a.shape} and B {b.shape} do not fit the model's "
+                                       f"{m} ({in_dim} -> {out_dim}) at rank {adapter.rank}")
+                if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+                    raise AdapterError(f"layer {i} {m} holds non-finite values")
+                checked[m] = (a, b)
+            layers.append(checked)
+        return dataclasses.replace(adapter, modules=modules, layers=tuple(layers))

@@ -1,0 +1,160 @@
+"""Adapters inside the KV page pool: the layout round-trips, ranks are not padded in memory, and pages
+move between adapters and KV (S-LoRA's unified paging)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jvila.config import LLMConfig
+from serving.adapters.paged_layout import MODULES, PoolGeometry, module_dims
+from serving.adapters.resident import ResidentAdapters
+from serving.adapters.store import AdapterError, AdapterStore, StoredAdapter
+from serving.adapters.working_set import build_lora_batch, gather_layers
+from serving.page_allocator import OutOfPages, PageAllocator
+
+# hidden 24 and kv width 2 x 5 = 10: no row width or stream length divides a page (5 x 10 x 2 = 100 values).
+CFG = LLMConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=5)
+PAGE_SIZE = 5
+
+
+def random_adapter(rng, rank, modules=MODULES, scale=None):
+    dims = module_dims(CFG)
+    layers = tuple({m: (rng.standard_normal((dims[m][0], rank)).astype(np.float32),
+                        rng.standard_normal((rank, dims[m][1])).astype(np.float32)) for m in modules}
+                   for _ in range(CFG.num_layers))
+    return StoredAdapter(rank=rank, scale=float(rng.uniform(0.1, 2.0)) if scale is None else scale,
+                         modules=tuple(modules), layers=layers)
+
+
+class NumpyPool:
+    """The per-layer K/V pools as the engine holds them, written by ResidentAdapters."""
+
+    def __init__(self, num_pages):
+        shape = (num_pages, PAGE_SIZE, CFG.num_kv_heads, CFG.head_dim)
+        rng = np.random.default_rng(99)  # garbage everywhere: a gather that reads outside its pages shows
+        self.k = [rng.standard_normal(shape).astype(np.float32) for _ in range(CFG.num_layers)]
+        self.v = [rng.standard_normal(shape).astype(np.float32) for _ in range(CFG.num_layers)]
+
+    def write(self, pages, k_data, v_data):
+        for layer in range(CFG.num_layers):
+            self.k[layer][pages] = k_data[layer]
+            self.v[layer][pages] = v_data[layer]
+
+
+def make_resident(num_pages):
+    allocator = PageAllocator(num_pages, PAGE_SIZE)
+    pool = NumpyPool(num_pages)
+    geometry = PoolGeometry.of(CFG, PAGE_SIZE)
+    return allocator, pool, ResidentAdapters(geometry, allocator, pool.write), geometry
+
+
+def test_gather_returns_each_adapter_zero_padded_to_the_working_rank():
+    rng = np.random.default_rng(0)
+    store = AdapterStore(CFG, max_rank=64)
+    specs = {"r3": (3, ("q_proj", "v_proj")), "r8": (8, MODULES), "r13": (13, ("o_proj", "down_proj", "k_proj"))}
+    for name, (rank, modules) in specs.items():
+        store.add(name, random_adapter(rng, rank, modules))
+    allocator, pool, resident, geometry = make_resident(64)
+    for name in ["r13", "r3", "r8"]:
+        assert resident.ensure(name, store.get(name))
+    rows = ["r8", None, "r13", "r3", "r8"]
+    batch = build_lora_batch(rows, [1, 2, 3, 1, 4], store, resident, geometry)
+    assert batch.names == ("r8", "r13", "r3")
+    np.testing.assert_array_equal(batch.token_adapters, [0, -1, -1, 1, 1, 1, 2, 0, 0, 0, 0])
+    assert batch.max_rank == 16 and batch.table.ranks.shape == (4,)  # 3 slots → 4, rank 13 → 16
+    layers = jax.jit(gather_layers, static_argnames=("modules", "max_rank", "geometry"))(
+        tuple(map(jnp.asarray, pool.k)), tuple(map(jnp.asarray, pool.v)), batch.table,
+        modules=batch.modules, max_rank=batch.max_rank, geometry=geometry)
+    assert set(layers[0]) == set(MODULES)
+    for layer in range(CFG.num_layers):
+        for m in MODULES:
+            a, b = (np.asarray(x) for x in layers[layer][m])
+            for slot, name in enumerate(batch.names):
+                adapter = store.get(name)
+                want_a = np.zeros((geometry.dims[m][0], 16), np.float32)
+                want_b = np.zeros((16, geometry.dims[m][1]), np.float32)
+                if m in adapter.modules:
+                    want_a[:, : adapter.rank], want_b[: adapter.rank] = adapter.layers[layer][m]
+                # Exact: the values are copied, never computed on.
+                np.testing.assert_array_equal(a[slot], want_a)
+                np.testing.assert_array_equal(b[slot], want_b)
+            assert not np.any(a[3]) and not np.any(b[3])  # the padded slot
+    np.testing.assert_allclose(batch.table.scales[:3], [store.get(n).scale for n in batch.names])
+
+
+def test_pages_follow_rank_not_the_largest_rank():
+    geometry = PoolGeometry.of(CFG, PAGE_SIZE)
+    row = geometry.row_width(MODULES)
+    per_page = 2 * PAGE_SIZE * CFG.num_kv_heads * CFG.head_dim
+    for rank in (1, 8, 13, 64):
+        assert geometry.pages_for(rank, MODULES) == -(-rank * row // per_page)
+    assert geometry.pages_for(64, MODULES) > 6 * geometry.pages_for(8, MODULES)
+
+
+def test_loading_adapters_takes_kv_pages_and_eviction_gives_them_back():
+    rng = np.random.default_rng(1)
+    allocator, pool, resident, geometry = make_resident(100)
+    adapters = {f"a{i}": random_adapter(rng, 8) for i in range(3)}
+    need = geometry.pages_for(8, MODULES)
+    for i, (name, adapter) in enumerate(adapters.items()):
+        assert resident.ensure(name, adapter)
+        assert allocator.num_free == 100 - (i + 1) * need
+    # A prompt that needs more pages than remain: OutOfPages until idle adapters are evicted.
+    prompt = list(rng.integers(0, 50, (100 - need) * PAGE_SIZE))
+    with pytest.raises(OutOfPages):
+        allocator.allocate("seq", prompt)
+    resident.acquire("a1")  # in use: never evicted
+    freed = resident.evict_idle(allocator.pages_needed(prompt))
+    assert freed == 2 * need and "a1" in resident and "a0" not in resident and "a2" not in resident
+    allocator.allocate("seq", prompt)
+    assert allocator.num_free == 0
+    # No room for another adapter while KV holds the pool; once freed, it loads again.
+    assert not resident.ensure("a0", adapters["a0"])
+    allocator.free("seq")
+    assert resident.ensure("a0", adapters["a0"]) and allocator.num_free == 100 - 2 * need
+    with pytest.raises(ValueError, match="running"):
+        resident.drop("a1")
+    resident.release("a1")
+    assert resident.drop("a1") == need and allocator.num_free == 100 - need
+
+
+def test_least_recently_used_idle_adapter_goes_first():
+    rng = np.random.default_rng(2)
+    allocator, pool, resident, geometry = make_resident(3 * geometry_pages(8) + 1)
+    adapters = {n: random_adapter(rng, 8) for n in "abcd"}
+    for n in "abc":
+        assert resident.ensure(n, adapters[n])
+    resident.ensure("a", adapters["a"])  # touched: b is now the oldest
+    assert resident.ensure("d", adapters["d"])
+    assert "b" not in resident and {"a", "c", "d"} <= set(resident._pages)
+
+
+def geometry_pages(rank):
+    return PoolGeometry.of(CFG, PAGE_SIZE).pages_for(rank, MODULES)
+
+
+def test_store_refuses_adapters_that_do_not_fit(tmp_path):
+    rng = np.random.default_rng(3)
+    store = AdapterStore(CFG, max_rank=16, root=str(tmp_path), reader=lambda path, cfg: random_adapter(rng, 4))
+    with pytest.raises(AdapterError, match="rank 32"):
+        store.add("big", random_adapter(rng, 32))
+    bad = random_adapter(rng, 4)
+    layers = list(bad.layers)
+    layers[1] = dict(layers[1], q_proj=(layers[1]["q_proj"][0][:-1], layers[1]["q_proj"][1]))
+    with pytest.raises(AdapterError, match="layer 1 q_proj"):
+        store.add("bad", StoredAdapter(4, 1.0, bad.modules, tuple(layers)))
+    with pytest.raises(AdapterError, match="unknown LoRA target"):
+        store.add("bad", StoredAdapter(4, 1.0, ("lm_head",), ({"lm_head": None},) * 2))
+    with pytest.raises(AdapterError, match="layers"):
+        store.add("bad", StoredAdapter(4, 1.0, bad.modules, bad.layers[:1]))
+    with pytest.raises(AdapterError, match="outside the adapter root"):
+        store.read(str(tmp_path / ".." / "elsewhere"))
+    with pytest.raises(AdapterError, match="not a directory"):
+        store.read("missing")
+    (tmp_path / "ok").mkdir()
+    store.add("ok", store.read("ok"))
+    with pytest.raises(AdapterError, match="already loaded"):
+        store.add("ok", random_adapter(rng, 4))
+    assert store.names == ["ok"]
