@@ -52,10 +52,12 @@ def _serve(args) -> int:
         api_keys = ApiKeys.from_file(args.api_keys) if args.api_keys else None
         if args.scheduler == "rpm" and args.rpm_limit is None:
             raise ValueError("--scheduler rpm needs --rpm-limit (requests per minute per client)")
+        arena = _arena_options(args)
         options = EngineOptions(num_pages=args.num_pages, page_size=args.page_size, max_running=args.max_running,
                                 token_budget=args.token_budget, max_context=args.max_context)
         app, _ = build_app(args.model, served_name=args.served_name, dtype=args.dtype,
-                           scheduler=args.scheduler, rpm_limit=args.rpm_limit, api_keys=api_keys, options=options)
+                           scheduler=args.scheduler, rpm_limit=args.rpm_limit, api_keys=api_keys, options=options,
+                           arena=arena)
     except ValueError as e:
         print(f"jvila: error: {e}", file=sys.stderr)
         return 2
@@ -63,6 +65,23 @@ def _serve(args) -> int:
         log.info("no --api-keys: every request is served, as one client")
     serve(app, host=args.host, port=args.port)
     return 0
+
+
+def _arena_options(args):
+    """The Arena's options, with its files checked before the model loads (None without --arena)."""
+    if not args.arena:
+        if args.arena_db or args.arena_contestants:
+            raise ValueError("--arena-db and --arena-contestants apply to --arena")
+        return None
+    from serving.arena import ArenaOptions
+    from serving.arena.contestants import read_contestants
+    from serving.arena.store import database_url
+
+    database = args.arena_db or "arena.db"
+    database_url(database)
+    if args.arena_contestants:
+        read_contestants(args.arena_contestants)
+    return ArenaOptions(database=database, contestants_file=args.arena_contestants)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=int, default=32, help="most requests decoding at once")
     srv.add_argument("--token-budget", type=int, default=256, help="most tokens in one engine step")
     srv.add_argument("--max-context", type=int, default=None, help="default: the model's, as far as the pool holds")
+    srv.add_argument("--arena", action="store_true",
+                     help="also serve the Chatbot Arena pages at /arena (battles, votes, leaderboard)")
+    srv.add_argument("--arena-db", default=None, metavar="URL_OR_PATH",
+                     help="where votes are kept: a SQLite file path or any SQLAlchemy URL (default: arena.db)")
+    srv.add_argument("--arena-contestants", default=None, metavar="FILE",
+                     help="JSON/YAML list of {name, model, system?, temperature?} (default: every served model; "
+                          "the Arena needs two)")
     srv.set_defaults(run=_serve)
 
     from jvila.eval.cli import add_parser as add_eval_parser

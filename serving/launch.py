@@ -45,8 +45,11 @@ def build_engine(graphdef, state, tokenizer, *, scheduler, options: EngineOption
 
 def build_app(model_name_or_dir: str, *, served_name: str | None = None, dtype: str = "float32",
               scheduler: str = "vtc", rpm_limit: int | None = None, api_keys: ApiKeys | None = None,
-              options: EngineOptions = EngineOptions()):
-    """(app, engine) for a known model name, a jvila checkpoint, a GGUF file, an HF or an NVILA directory."""
+              options: EngineOptions = EngineOptions(), arena=None):
+    """(app, engine) for a known model name, a jvila checkpoint, a GGUF file, an HF or an NVILA directory.
+
+    `arena` (serving.arena.ArenaOptions) adds the Arena's pages and routes on the same engine.
+    """
     import jvila
 
     start = time.perf_counter()
@@ -63,4 +66,8 @@ def build_app(model_name_or_dir: str, *, served_name: str | None = None, dtype: 
     app = create_app(AsyncEngine(engine), tokenizer, model_name=served_name or model_name_or_dir,
                      max_context=engine.max_context, vocab_size=engine.vocab_size, api_keys=api_keys,
                      media_prompt=media_prompt)
+    if arena is not None:
+        from serving.arena import mount_arena
+
+        mount_arena(app, arena)
     return app, engine
