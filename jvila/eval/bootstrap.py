@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from jvila.eval.battles import Battle, encode
-from jvila.eval.bradley_terry import fit_bt, fit_style_controlled_bt, style_features, to_elo_scale, weighted_outcomes
+from jvila.eval.bradley_terry import (fit_bt, fit_style_controlled_bt, single_threaded_blas, style_features,
+                                      to_elo_scale, weighted_outcomes)
 from jvila.eval.elo import fit_elo_samples
 
 LEVEL = 0.95
@@ -35,7 +36,8 @@ def bootstrap_bt(battles: list[Battle], rounds: int, seed: int = 0,
     rng = np.random.default_rng(seed)
     draws = rng.multinomial(len(battles), counts / counts.sum(), size=rounds)
     # Weights as frequencies (FastChat's choice): the maximiser is the same as with raw counts.
-    strengths = np.stack([fit_bt(pairs, pair_outcomes, draw / len(battles), len(models)) for draw in draws])
+    with single_threaded_blas():
+        strengths = np.stack([fit_bt(pairs, pair_outcomes, draw / len(battles), len(models)) for draw in draws])
     return models, to_elo_scale(strengths, models, anchor=anchor)
 
 
@@ -47,9 +49,10 @@ def bootstrap_style_controlled_bt(battles: list[Battle], rounds: int, seed: int 
     features = style_features(battles)
     rng = np.random.default_rng(seed)
     strengths = []
-    for sample in rng.integers(0, len(battles), size=(rounds, len(battles))):
-        fitted, _ = fit_style_controlled_bt(matchups[sample], features[sample], outcomes[sample], len(models))
-        strengths.append(fitted)
+    with single_threaded_blas():
+        for sample in rng.integers(0, len(battles), size=(rounds, len(battles))):
+            fitted, _ = fit_style_controlled_bt(matchups[sample], features[sample], outcomes[sample], len(models))
+            strengths.append(fitted)
     return models, to_elo_scale(np.stack(strengths), models, anchor=anchor)
 
 

@@ -108,7 +108,8 @@ def _add_sorry_bench(benchmarks) -> None:
                     "reused when the command runs again.")
     sorry.add_argument("--data", required=True, metavar="DIR",
                        help="a local copy of the (gated) SORRY-Bench dataset: question.jsonl and the mutation files")
-    sorry.add_argument("--base-url", required=True, metavar="URL", help="OpenAI-compatible endpoint of the model under test, e.g. http://127.0.0.1:8000/v1")
+    sorry.add_argument("--base-url", required=True, metavar="URL",
+                       help="OpenAI-compatible endpoint of the model under test, e.g. http://127.0.0.1:8000/v1")
     sorry.add_argument("--model", required=True, metavar="NAME", help="model name sent to --base-url")
     sorry.add_argument("--api-key", default="EMPTY", help="key for --base-url (default: none needed)")
     sorry.add_argument("--judge-url", required=True, metavar="URL", help="OpenAI-compatible endpoint of the judge")
