@@ -25,6 +25,9 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from flax import nnx
 
+from serving.adapters.engine_adapters import EngineAdapters
+from serving.adapters.paged_layout import PoolGeometry
+from serving.adapters.store import UnknownAdapter
 from serving.page_allocator import OutOfPages, PageAllocator
 from serving.request import FinishReason, Request, RequestOutput, TokenLogprob
 from serving.scheduler import make_scheduler
@@ -52,6 +55,7 @@ class Engine:
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
         min_step_rows: int = 1,  # smallest row (and token) bucket of a step; see StepRunner
+        adapters=None,  # serving.adapters.store.AdapterStore: LoRA adapters requests may name
     ):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages and page_size must be positive, got {num_pages} and {page_size}")
@@ -74,7 +78,11 @@ class Engine:
         self.scheduler = scheduler if scheduler is not None else make_scheduler("fcfs")
         self.runner = StepRunner(graphdef, state, num_pages=num_pages, page_size=page_size,
                                  max_pages_per_seq=-(-max_context // page_size), attention=attention,
-                                 cache_dtype=cache_dtype, min_rows=min_step_rows, min_tokens=min_step_rows)
+                                 cache_dtype=cache_dtype, min_rows=min_step_rows, min_tokens=min_step_rows,
+                                 lora_geometry=None if adapters is None else PoolGeometry.of(config, page_size))
+        # Adapters share the KV page pool (unified paging): see serving/adapters.
+        self.adapters = (None if adapters is None else
+                         EngineAdapters(adapters, self.allocator, self.runner.write_pages, page_size=page_size))
         self._clock = clock
         self._seed_rng = np.random.default_rng(seed)
         self._running: list[Sequence] = []  # admission order: the last is the first to be preempted
@@ -103,8 +111,14 @@ class Engine:
         if request.input_embeddings is not None and np.shape(request.input_embeddings)[-1] != self.hidden_size:
             raise ValueError(f"input_embeddings rows have width {np.shape(request.input_embeddings)[-1]}; "
                              f"the model's hidden size is {self.hidden_size}")
+        if request.adapter is not None:
+            if self.adapters is None:
+                raise UnknownAdapter(f"no LoRA adapter named {request.adapter!r}: this engine serves none")
+            self.adapters.check(request)
         self.scheduler.add(request, self._clock())  # may raise RateLimited before anything is recorded
         self._known.add(rid)
+        if self.adapters is not None:
+            self.adapters.on_add(request)
         # The seed is drawn on arrival, so a request's samples do not depend on when it is admitted.
         self._waiting[rid] = Sequence(request, seed=self._draw_seed(request))
 
@@ -119,10 +133,14 @@ class Engine:
         if seq is not None:
             self._running.remove(seq)
             self.allocator.free(request_id)
+            if self.adapters is not None:
+                self.adapters.release(seq.request)
         else:
             self.scheduler.remove(request_id)
             seq = self._waiting.pop(request_id)
         self._known.discard(request_id)
+        if self.adapters is not None:
+            self.adapters.on_leave(seq.request)
         self._counts["aborted"] += 1
         self.scheduler.on_finish(seq.request, seq.num_output)
         self._pending_outputs.append(RequestOutput(request_id, [], finish_reason=FinishReason.ABORT,
@@ -154,6 +172,8 @@ class Engine:
         if copies:
             self.runner.copy_pages(copies)
         batch = pack_step(plan, self.allocator, self.hidden_size)
+        if self.adapters is not None:
+            batch.lora = self.adapters.step_inputs([seq.request for seq, _ in plan], [chunk for _, chunk in plan])
         result = self.runner.run(batch)
         self._counts["steps"] += 1
         self._counts["last_step_rows"] = len(plan)
@@ -190,6 +210,9 @@ class Engine:
             self._running.remove(seq)
             self.allocator.free(seq.request_id)
             self._known.discard(seq.request_id)
+            if self.adapters is not None:
+                self.adapters.release(seq.request)
+                self.adapters.on_leave(seq.request)
             self._counts["finished"] += 1
             self.scheduler.on_finish(seq.request, seq.num_output)
         return out
@@ -209,6 +232,10 @@ class Engine:
                 try:
                     copies += self.allocator.append_slots(seq.request_id, missing)
                 except OutOfPages:
+                    # Idle adapters give their pages back before anyone is preempted.
+                    if self.adapters is not None and self.adapters.make_room(
+                            self.allocator.pages_to_append(seq.request_id, missing)):
+                        continue
                     # Recompute the newest: it has the least work to redo and waited the least.
                     self._preempt(self._running[-1])
                     preempted = True
@@ -225,11 +252,20 @@ class Engine:
                 if state["budget"] <= 0 or len(self._running) >= self.max_running:
                     return False
                 seq = self._waiting[request.request_id]
-                try:
-                    num_cached = self.allocator.allocate(request.request_id, seq.tokens,
-                                                         cacheable_len=seq.cacheable_len)
-                except OutOfPages:
-                    return False
+                if self.adapters is not None:
+                    # The adapter first, then the KV; idle adapters make room for either.
+                    cached = []
+                    needed = self.allocator.pages_needed(seq.tokens, cacheable_len=seq.cacheable_len)
+                    if not self.adapters.admit(request, lambda: cached.append(self.allocator.allocate(
+                            request.request_id, seq.tokens, cacheable_len=seq.cacheable_len)), needed):
+                        return False
+                    num_cached = cached[0]
+                else:
+                    try:
+                        num_cached = self.allocator.allocate(request.request_id, seq.tokens,
+                                                             cacheable_len=seq.cacheable_len)
+                    except OutOfPages:
+                        return False
                 del self._waiting[request.request_id]
                 seq.num_computed = num_cached
                 chunk = min(seq.num_pending, state["budget"])
@@ -239,11 +275,16 @@ class Engine:
                 return True
 
             self.scheduler.admit(fits, self._clock())
+        if self.adapters is not None and self._waiting:
+            # Requests still queued: their adapters load now, while the pool has room, not when admitted.
+            self.adapters.prefetch([s.request for s in list(self._waiting.values())[: self.max_running]])
         return plan, copies
 
     def _preempt(self, seq: Sequence) -> None:
         self._running.remove(seq)
         self.allocator.free(seq.request_id)
+        if self.adapters is not None:
+            self.adapters.release(seq.request)
         seq.num_computed = 0
         seq.num_preemptions += 1
         self._waiting[seq.request_id] = seq
@@ -267,6 +308,7 @@ class Engine:
             "pages_shared": self.allocator.num_shared,
             "prefix_hit_tokens": stats.get("prefix_hit_tokens", 0),
             **self._counts,
+            **(self.adapters.metrics() if self.adapters is not None else {}),
             "client_service": self.scheduler.service(),
             "scheduler_counters": self.scheduler.counters(),
         }

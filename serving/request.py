@@ -50,6 +50,7 @@ class Request:
     # Media: [len(prompt_ids), hidden] float array and a [len(prompt_ids)] bool mask, or None.
     input_embeddings: np.ndarray | None = None
     embedding_mask: np.ndarray | None = None
+    adapter: str | None = None  # a loaded LoRA adapter's name; None = the base model
 
     def __post_init__(self):
         if not self.prompt_ids:

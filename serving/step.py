@@ -23,6 +23,7 @@ from flax import nnx
 from jvila.models import functional
 from jvila.models.kernel_attention import default_attention
 from jvila.models.kv_cache import KVCache
+from serving.adapters.working_set import LoraBatch, gather_lora_weights
 from serving.sampling import SampleOutput, SamplingArrays, sample
 
 MIN_TOKENS = 8  # smallest token bucket: a handful of decode rows share one compilation
@@ -60,6 +61,7 @@ class StepBatch:
     num_logprobs: int = 0  # top-N logprobs wanted (the largest N any row asks for); 0 = none
     input_embeddings: np.ndarray | None = None  # [T, hidden] float: media rows
     embedding_mask: np.ndarray | None = None  # [T] bool: which tokens take input_embeddings
+    lora: LoraBatch | None = None  # the step's adapters (serving.adapters): gathered from the page pools
 
     @property
     def num_rows(self) -> int:
@@ -78,13 +80,21 @@ class StepResult:
     top_logprobs: np.ndarray  # [B, batch.num_logprobs] float32
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_top"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_top", "lora_static"),
                    donate_argnames=("k_pages", "v_pages"))
 def _step(graphdef, state, k_pages, v_pages, tokens, cu_q_lens, context_lens, page_table, params: SamplingArrays,
-          input_embeddings, embedding_mask, *, attention, num_top) -> tuple[SampleOutput, tuple, tuple]:
+          input_embeddings, embedding_mask, lora_table=None, token_adapters=None, *, attention, num_top,
+          lora_static=None) -> tuple[SampleOutput, tuple, tuple]:
+    lora = None
+    if lora_table is not None:
+        # The batch's adapters are read out of the pools (unified paging) before this step writes its KV.
+        modules, max_rank, geometry = lora_static
+        lora = gather_lora_weights(k_pages, v_pages, lora_table, modules=modules, max_rank=max_rank,
+                                   geometry=geometry)
     cache = KVCache(k_pages, v_pages, page_table, context_lens)
     logits, cache = functional.extend_packed(graphdef, state, tokens, cu_q_lens, cache, attention=attention,
-                                             input_embeddings=input_embeddings, embedding_mask=embedding_mask)
+                                             input_embeddings=input_embeddings, embedding_mask=embedding_mask,
+                                             lora=lora, token_adapters=token_adapters)
     return sample(logits, params, num_top=num_top), cache.k_pages, cache.v_pages
 
 
@@ -95,6 +105,15 @@ def _copy_pages(k_pages, v_pages, src, dst):
         return pool.at[dst].set(pool[src], mode="drop")
 
     return tuple(map(copy, k_pages)), tuple(map(copy, v_pages))
+
+
+@functools.partial(jax.jit, donate_argnames=("k_pages", "v_pages"))
+def _write_pages(k_pages, v_pages, pages, k_data, v_data):
+    # Padding entries have a page id out of range and are dropped.
+    def write(pools, data):
+        return tuple(pool.at[pages].set(d.astype(pool.dtype), mode="drop") for pool, d in zip(pools, data))
+
+    return write(k_pages, k_data), write(v_pages, v_data)
 
 
 class StepRunner:
@@ -108,7 +127,8 @@ class StepRunner:
     """
 
     def __init__(self, graphdef, state, *, num_pages: int, page_size: int, max_pages_per_seq: int, attention=None,
-                 cache_dtype=None, max_logprobs: int = 20, min_rows: int = 1, min_tokens: int = MIN_TOKENS):
+                 cache_dtype=None, max_logprobs: int = 20, min_rows: int = 1, min_tokens: int = MIN_TOKENS,
+                 lora_geometry=None):
         if num_pages < 1 or page_size < 1 or max_pages_per_seq < 1:
             raise ValueError(f"num_pages, page_size and max_pages_per_seq must be positive, got "
                              f"{num_pages}, {page_size}, {max_pages_per_seq}")
@@ -119,6 +139,7 @@ class StepRunner:
         self.num_pages, self.page_size, self.max_pages_per_seq = num_pages, page_size, max_pages_per_seq
         self.attention = attention or default_attention()
         self.max_logprobs = max_logprobs
+        self.lora_geometry = lora_geometry  # serving.adapters.paged_layout.PoolGeometry when adapters are served
         self.min_rows, self.min_tokens = bucket(min_rows), bucket(min_tokens, MIN_TOKENS)
         dtype = cache_dtype or model.compute_dtype
         shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
@@ -148,10 +169,20 @@ class StepRunner:
             media = _pad(np.asarray(batch.input_embeddings), tokens_b)
             media_mask = _pad(np.asarray(batch.embedding_mask, bool), tokens_b)
         num_top = self.max_logprobs if batch.num_logprobs > 0 else 0
+        lora_table = token_adapters = lora_static = None
+        if batch.lora is not None:
+            if self.lora_geometry is None:
+                raise ValueError("this step runner was built without adapters (lora_geometry)")
+            if batch.lora.token_adapters.shape != (num_tokens,):
+                raise ValueError(f"lora.token_adapters must be [T] = [{num_tokens}]")
+            lora_table = batch.lora.table
+            token_adapters = _pad(batch.lora.token_adapters.astype(np.int32), tokens_b, fill=-1)
+            lora_static = (batch.lora.modules, batch.lora.max_rank, self.lora_geometry)
 
         out, self.k_pages, self.v_pages = _step(
             self.graphdef, self.state, self.k_pages, self.v_pages, tokens, cu_q_lens, context_lens, table, params,
-            media, media_mask, attention=self.attention, num_top=num_top)
+            media, media_mask, lora_table, token_adapters, attention=self.attention, num_top=num_top,
+            lora_static=lora_static)
         out = jax.device_get(out)
         n = batch.num_logprobs
         return StepResult(np.asarray(out.tokens[:rows]), np.asarray(out.logprobs[:rows]),
@@ -170,6 +201,22 @@ class StepRunner:
         src = _pad(pairs[:, 0].astype(np.int32), size)
         dst = _pad(pairs[:, 1].astype(np.int32), size, fill=self.num_pages)  # out of range: dropped
         self.k_pages, self.v_pages = _copy_pages(self.k_pages, self.v_pages, src, dst)
+
+    def write_pages(self, pages, k_data, v_data) -> None:
+        """Overwrite whole pages of every layer's pools: k_data[l], v_data[l] [len(pages), page_size, kv_heads, d].
+
+        Adapter weights enter the pool this way (unified paging); the page count is bucketed.
+        """
+        pages = np.asarray(pages, np.int32)
+        if len(pages) == 0:
+            return
+        if pages.min() < 0 or pages.max() >= self.num_pages:
+            raise ValueError(f"page ids must lie in [0, {self.num_pages})")
+        size = bucket(len(pages))
+        padded = _pad(pages, size, fill=self.num_pages)  # out of range: dropped
+        k_data = [_pad(np.asarray(d), size) for d in k_data]
+        v_data = [_pad(np.asarray(d), size) for d in v_data]
+        self.k_pages, self.v_pages = _write_pages(self.k_pages, self.v_pages, padded, k_data, v_data)
 
     @staticmethod
     def num_compilations() -> int:

@@ -149,3 +149,34 @@ class AdapterStore:
                 checked[m] = (a, b)
             layers.append(checked)
         return dataclasses.replace(adapter, modules=modules, layers=tuple(layers))
+
+
+def stored_adapter(adapter, num_layers: int, path: str | None = None) -> StoredAdapter:
+    """A `jvila.models.lora.Adapter` as the store keeps it (float32 numpy; untouched layers get zeros)."""
+    modules = ordered_modules(adapter.config.target_modules)
+    shapes = {}
+    for layer in adapter.weights.values():
+        for m, (a, b) in layer.items():
+            shapes[m] = (a.shape[0], b.shape[1])
+    layers = []
+    for i in range(num_layers):
+        given = adapter.weights.get(i, {})
+        layer = {}
+        for m in modules:
+            if m in given:
+                layer[m] = tuple(np.asarray(w, np.float32) for w in given[m])
+            elif m in shapes:
+                layer[m] = (np.zeros((shapes[m][0], adapter.rank), np.float32),
+                            np.zeros((adapter.rank, shapes[m][1]), np.float32))
+            else:
+                raise AdapterError(f"the adapter targets {m} but holds no weights for it")
+        layers.append(layer)
+    return StoredAdapter(rank=adapter.rank, scale=float(adapter.config.scale), modules=modules, layers=tuple(layers),
+                         path=path)
+
+
+def read_peft(path: str, base_config) -> StoredAdapter:
+    """The store's reader for PEFT directories (adapter_config.json + adapter_model.safetensors)."""
+    from jvila.models.lora import load_peft
+
+    return stored_adapter(load_peft(path, base_config), base_config.num_layers, path)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jvila.models.lora import LoraWeights, ModuleLora
 from serving.adapters.paged_layout import MODULES, PoolGeometry, SlotTable, gather_module
 
 MIN_RANK = 8  # smallest rank bucket (S-LoRA's smallest common rank)
@@ -79,5 +78,7 @@ def gather_layers(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int,
     return layers
 
 
-def table_to_device(table: SlotTable) -> SlotTable:
-    return jax.tree.map(jnp.asarray, table)
+def gather_lora_weights(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int, geometry: PoolGeometry):
+    """Traced: the step's `LoraWeights` (the functional core's stacked adapters) gathered from the pools."""
+    layers = gather_layers(k_pages, v_pages, table, modules=modules, max_rank=max_rank, geometry=geometry)
+    return LoraWeights(tuple({m: ModuleLora(*pair) for m, pair in layer.items()} for layer in layers), table.scales)

@@ -1,0 +1,117 @@
+"""The engine's side of multi-LoRA serving: which requests use which adapter, admission, room, prefetch.
+
+The engine calls in at each point of a request's life: `check` on arrival (an unknown adapter is
+refused), `admit` when the scheduler offers a waiting request (its adapter is made resident
+first, evicting idle adapters if needed, then its KV pages are allocated, evicting idle adapters
+again if the KV does not fit), `release` when a running sequence leaves the pool (finished,
+aborted, preempted), `make_room` before preempting anyone for KV, `prefetch` after each step for
+the adapters of the requests queued next, and `step_inputs` to describe the step's adapters to
+the device step. Loading and unloading by name (`add`, `remove`) run between steps.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from serving.adapters.paged_layout import PoolGeometry
+from serving.adapters.resident import ResidentAdapters
+from serving.adapters.store import AdapterInUse, AdapterStore, StoredAdapter, UnknownAdapter
+from serving.adapters.working_set import LoraBatch, build_lora_batch
+from serving.page_allocator import OutOfPages, PageAllocator
+from serving.request import Request
+
+# Prefetch never takes the pool below this share of free pages: running sequences need room to grow.
+PREFETCH_FREE_SHARE = 0.25
+
+
+class EngineAdapters:
+    def __init__(self, store: AdapterStore, allocator: PageAllocator, write_pages, *, page_size: int):
+        self.store = store
+        self.allocator = allocator
+        self.geometry = PoolGeometry.of(store.base_config, page_size)
+        self.resident = ResidentAdapters(self.geometry, allocator, write_pages)
+        self._requests: collections.Counter[str] = collections.Counter()  # waiting or running, per adapter
+
+    # ---- names ---------------------------------------------------------------------------------
+
+    def add(self, name: str, adapter: StoredAdapter) -> None:
+        self.store.add(name, adapter)
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter; refused (AdapterInUse) while requests wait for it or run with it."""
+        self.store.get(name)  # UnknownAdapter first
+        if self._requests[name]:
+            raise AdapterInUse(f"LoRA adapter {name!r} is in use by {self._requests[name]} request(s); "
+                               "unload it when they have finished")
+        self.resident.drop(name)
+        self.store.remove(name)
+
+    def requests_using(self, name: str) -> int:
+        return self._requests[name]
+
+    # ---- a request's life ----------------------------------------------------------------------
+
+    def check(self, request: Request) -> None:
+        if request.adapter is not None and request.adapter not in self.store:
+            raise UnknownAdapter(f"no LoRA adapter named {request.adapter!r} is loaded")
+
+    def on_add(self, request: Request) -> None:
+        if request.adapter is not None:
+            self._requests[request.adapter] += 1
+
+    def on_leave(self, request: Request) -> None:
+        """The request is gone for good (finished or aborted)."""
+        if request.adapter is not None:
+            self._requests[request.adapter] -= 1
+            if self._requests[request.adapter] <= 0:
+                del self._requests[request.adapter]
+
+    def admit(self, request: Request, allocate, pages_needed: int) -> bool:
+        """Make the request's adapter resident, then run `allocate()` (its KV pages); False if either does not fit.
+
+        `pages_needed`: the KV pages `allocate` takes from the free count. Idle adapters (never
+        this one) are evicted, least recently used first, to make room for either.
+        """
+        name = request.adapter
+        if name is not None and not self.resident.ensure(name, self.store.get(name)):
+            return False
+        if pages_needed > self.allocator.num_free:
+            self.resident.evict_idle(pages_needed, keep=name)
+        try:
+            allocate()
+        except OutOfPages:
+            return False
+        if name is not None:
+            self.resident.acquire(name)
+        return True
+
+    def release(self, request: Request) -> None:
+        """A running sequence left the pool (finished, aborted or preempted)."""
+        if request.adapter is not None:
+            self.resident.release(request.adapter)
+
+    def make_room(self, pages: int) -> bool:
+        """Evict idle adapters until `pages` are free; whether anything was evicted."""
+        return self.resident.evict_idle(pages) > 0
+
+    def prefetch(self, requests) -> None:
+        """Load the adapters of queued requests (in the order given) while the pool has room to spare."""
+        reserve = int(PREFETCH_FREE_SHARE * self.allocator.num_pages)
+        for request in requests:
+            name = request.adapter
+            if name is None or name in self.resident:
+                continue
+            adapter = self.store.get(name)
+            if self.allocator.num_free - self.resident.pages_needed(adapter) < reserve:
+                return
+            self.resident.ensure(name, adapter, evict=False)
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def step_inputs(self, row_requests, row_tokens) -> LoraBatch | None:
+        return build_lora_batch([r.adapter for r in row_requests], row_tokens, self.store, self.resident,
+                                self.geometry)
+
+    def metrics(self) -> dict:
+        return {"adapters_loaded": len(self.store), "adapters_resident": len(self.resident._pages),
+                "adapter_pages": self.resident.num_pages, **self.resident.counts}
