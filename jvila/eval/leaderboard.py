@@ -9,7 +9,6 @@ bootstrap rounds rounded to an integer (the online ratings replayed in time orde
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,14 +119,11 @@ def predicted_win_rate_matrix(ratings: dict[str, float] | list[LeaderboardRow], 
 
 
 def format_leaderboard(rows: list[LeaderboardRow]) -> str:
-    """A plain-text table: rank, model, rating, 95% interval as -/+ offsets, battles."""
+    """A plain-text table: rank, model, rating, the 95% interval as signed offsets from the rating (a point
+    estimate can fall outside its bootstrap interval when a model never lost), battles."""
     width = max([len("model")] + [len(row.model) for row in rows])
     lines = [f"{'rank':>4}  {'model':<{width}}  {'rating':>8}  {'95% CI':>13}  {'battles':>7}"]
     for row in rows:
-        interval = f"-{row.rating - row.lower:.1f}/+{row.upper - row.rating:.1f}"
+        interval = f"{row.lower - row.rating:+.1f}/{row.upper - row.rating:+.1f}"
         lines.append(f"{row.rank:>4}  {row.model:<{width}}  {row.rating:>8.1f}  {interval:>13}  {row.num_battles:>7}")
     return "\n".join(lines)
-
-
-def is_finite_row(row: LeaderboardRow) -> bool:
-    return all(math.isfinite(v) for v in (row.rating, row.lower, row.upper))
