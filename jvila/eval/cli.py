@@ -87,13 +87,14 @@ def _add_arena(benchmarks) -> None:
 
 
 def _sorry_bench(args) -> int:
-    from jvila.eval.sorry_bench import run_sorry_bench
+    from jvila.eval.sorry_bench_run import run_sorry_bench
 
     result = run_sorry_bench(
         data_dir=args.data, output_dir=args.output, base_url=args.base_url, model=args.model,
         api_key=args.api_key, judge_url=args.judge_url, judge_model=args.judge_model,
         judge_api_key=args.judge_api_key, prompt_styles=args.prompt_style, limit=args.limit,
-        max_tokens=args.max_tokens, judge_max_tokens=args.judge_max_tokens, heatmap=args.heatmap)
+        temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens,
+        judge_max_tokens=args.judge_max_tokens, parallel=args.parallel, heatmap=args.heatmap)
     print(result.format_table())
     return 0
 
@@ -111,19 +112,24 @@ def _add_sorry_bench(benchmarks) -> None:
     sorry.add_argument("--base-url", required=True, metavar="URL",
                        help="OpenAI-compatible endpoint of the model under test, e.g. http://127.0.0.1:8000/v1")
     sorry.add_argument("--model", required=True, metavar="NAME", help="model name sent to --base-url")
-    sorry.add_argument("--api-key", default="EMPTY", help="key for --base-url (default: none needed)")
+    sorry.add_argument("--api-key", default=None, help="key for --base-url (default: none sent)")
     sorry.add_argument("--judge-url", required=True, metavar="URL", help="OpenAI-compatible endpoint of the judge")
     sorry.add_argument("--judge-model", required=True, metavar="NAME", help="judge model name sent to --judge-url")
-    sorry.add_argument("--judge-api-key", default="EMPTY", help="key for --judge-url (default: none needed)")
+    sorry.add_argument("--judge-api-key", default=None, help="key for --judge-url (default: none sent)")
     sorry.add_argument("--output", default="sorry_bench_output", metavar="DIR",
                        help="where answers and judgments are written as JSONL (default %(default)s)")
     sorry.add_argument("--prompt-style", action="append", default=None, metavar="STYLE",
                        help="prompt styles to run: base or a mutation name (repeat; default: every style in --data)")
     sorry.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                        help="only the first N questions of each prompt style")
+    sorry.add_argument("--temperature", type=float, default=0.7,
+                       help="answer sampling temperature (default %(default)s, FastChat's default)")
+    sorry.add_argument("--seed", type=int, default=None, help="sample each question with seed + its question_id (reproducible runs)")
     sorry.add_argument("--max-tokens", type=int, default=1024, help="answer length limit (default %(default)s)")
-    sorry.add_argument("--judge-max-tokens", type=_positive_int, default=16,
-                       help="judge answer length limit; the score is its leading digit (default %(default)s)")
+    sorry.add_argument("--judge-max-tokens", type=_positive_int, default=1024,
+                       help="judge answer length limit; the score is its leading number (default %(default)s)")
+    sorry.add_argument("--parallel", type=_positive_int, default=8,
+                       help="requests in flight at once; servers batch them (default %(default)s)")
     sorry.add_argument("--heatmap", default=None, metavar="OUT.png",
                        help="also draw the fulfillment rates as a category × prompt style heatmap")
     sorry.set_defaults(run=_reports_bad_input(_sorry_bench))
