@@ -124,7 +124,8 @@ def _add_sorry_bench(benchmarks) -> None:
                        help="only the first N questions of each prompt style")
     sorry.add_argument("--temperature", type=float, default=0.7,
                        help="answer sampling temperature (default %(default)s, FastChat's default)")
-    sorry.add_argument("--seed", type=int, default=None, help="sample each question with seed + its question_id (reproducible runs)")
+    sorry.add_argument("--seed", type=int, default=None,
+                       help="sample each question with seed + its question_id (reproducible runs)")
     sorry.add_argument("--max-tokens", type=int, default=1024, help="answer length limit (default %(default)s)")
     sorry.add_argument("--judge-max-tokens", type=_positive_int, default=1024,
                        help="judge answer length limit; the score is its leading number (default %(default)s)")
