@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/jvila generate --model smollm2-135m-instruct "What is the capital of France?"
 
+# Two workers, one per core: most of the suite's time is single-threaded XLA compilation. A test file
+# stays on one worker (its module fixtures are built once).
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: install
 	$(PY) benchmarks/llm_cpu.py
