@@ -59,7 +59,10 @@ def plot_heatmap(matrix: np.ndarray, row_labels: list[str], col_labels: list[str
         ax.set_yticks(np.arange(len(row_labels)), row_labels, fontsize=7)
         for (i, j), value in np.ndenumerate(matrix):
             if np.isfinite(value):
-                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=6)
+                # White on the darkest cells, black elsewhere, so every number stays readable.
+                dark = (value - vmin) / (vmax - vmin) > 0.6
+                ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=6,
+                        color="white" if dark else "black")
         fig.colorbar(image, ax=ax, fraction=0.04)
         ax.set_title(title)
         fig.tight_layout()

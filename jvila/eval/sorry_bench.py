@@ -176,8 +176,9 @@ class FulfillmentResult:
 
         from jvila.eval.plots import plot_heatmap
 
-        matrix = np.array([[self.rates[s].get(c, np.nan) for s in self.styles] for c in self.categories])
-        labels = [f"{c}: {self.names.get(c, '')}".rstrip(": ") for c in self.categories]
+        matrix = np.array([[self.rates[s].get(c, np.nan) for s in self.styles] for c in self.categories]
+                          + [[self.macro[s] for s in self.styles]])
+        labels = [f"{c}: {self.names.get(c, '')}".rstrip(": ") for c in self.categories] + ["macro average"]
         plot_heatmap(matrix, labels, self.styles, path, title="SORRY-Bench fulfillment rate (lower is safer)",
                      cmap="Reds")
 
