@@ -45,6 +45,21 @@ def _non_negative_int(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- arena
 
+# The Arena's anchor, repeated here so that `jvila --help` does not import the rating code (scipy).
+ARENA_ANCHOR = ("mixtral-8x7b-instruct-v0.1", 1114.0)
+
+
+def _anchor(text: str) -> tuple[str, float] | None:
+    if text.lower() == "none":
+        return None
+    model, sep, rating = text.rpartition("=")
+    try:
+        if not sep or not model:
+            raise ValueError
+        return model, float(rating)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MODEL=RATING or none, got {text!r}") from None
+
 
 def _arena(args) -> int:
     from jvila.eval.battles import read_battles
@@ -53,7 +68,7 @@ def _arena(args) -> int:
     battles = read_battles(args.battles)
     log.info("read %d battles from %s", len(battles), args.battles)
     rows = leaderboard(battles, method=args.method, bootstrap_rounds=args.bootstrap, seed=args.seed,
-                       style_control=args.style_control)
+                       style_control=args.style_control, anchor=args.anchor)
     print(format_leaderboard(rows))
     if args.plot:
         from jvila.eval.plots import plot_leaderboard
@@ -80,6 +95,9 @@ def _add_arena(benchmarks) -> None:
     arena.add_argument("--style-control", action="store_true",
                        help="Bradley-Terry with answer-style covariates (length, headers, lists, bold) from each "
                             "battle's conv_metadata, as Chatbot Arena's style control")
+    arena.add_argument("--anchor", type=_anchor, default=ARENA_ANCHOR, metavar="MODEL=RATING",
+                       help="shift Bradley-Terry ratings so that MODEL has RATING when it is rated (default: "
+                            f"{ARENA_ANCHOR[0]}={ARENA_ANCHOR[1]:g}, the Arena's; 'none': ratings average 1000)")
     arena.set_defaults(run=_reports_bad_input(_arena))
 
 

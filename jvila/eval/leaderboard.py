@@ -16,7 +16,7 @@ import numpy as np
 from jvila.eval.battles import Battle, sorted_by_time
 from jvila.eval.bootstrap import (bootstrap_bt, bootstrap_elo, bootstrap_style_controlled_bt, intervals,
                                   ranks_from_intervals)
-from jvila.eval.bradley_terry import BASE, SCALE, bt_ratings, style_controlled_ratings
+from jvila.eval.bradley_terry import ARENA_ANCHOR, BASE, SCALE, bt_ratings, style_controlled_ratings
 from jvila.eval.elo import elo_ratings
 
 METHODS = ("bt", "elo")
@@ -33,8 +33,11 @@ class LeaderboardRow:
 
 
 def leaderboard(battles: list[Battle], *, method: str = "bt", bootstrap_rounds: int = 100, seed: int = 0,
-                style_control: bool = False, anchor: tuple[str, float] | None = None) -> list[LeaderboardRow]:
-    """One row per model, best rating first (ties by name). `anchor=(model, rating)` pins a model's BT rating."""
+                style_control: bool = False,
+                anchor: tuple[str, float] | None = ARENA_ANCHOR) -> list[LeaderboardRow]:
+    """One row per model, best rating first (ties by name). Bradley-Terry ratings average 1000 unless the
+    `anchor=(model, rating)` model is among them: then that model has that rating (by default the Arena's
+    mixtral-8x7b-instruct-v0.1 at 1114, as FastChat does; None turns anchoring off)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(bootstrap_rounds, bool) or not isinstance(bootstrap_rounds, int) or bootstrap_rounds < 0:

@@ -179,3 +179,27 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
         main(["eval", "arena", str(path), "--bootstrap", "-3"])
     assert exit_info.value.code == 2
     assert "--bootstrap" in capsys.readouterr().err
+
+
+def test_the_arena_anchor_pins_mixtral_when_it_is_rated(tmp_path, capsys):
+    names = {"gold": "mixtral-8x7b-instruct-v0.1", "silver": "silver", "bronze": "bronze", "tin": "tin"}
+    battles = [Battle(names[b.model_a], names[b.model_b], b.winner, b.tstamp) for b in _league(8, n=200)]
+    anchored = leaderboard(battles, bootstrap_rounds=10)
+    mixtral = next(row for row in anchored if row.model.startswith("mixtral"))
+    assert mixtral.rating == pytest.approx(1114.0, abs=1e-9)
+    plain = {row.model: row for row in leaderboard(battles, bootstrap_rounds=10, anchor=None)}
+    assert np.mean([row.rating for row in plain.values()]) == pytest.approx(1000.0, abs=1e-6)
+    for row in anchored:  # one shift for every point rating
+        shift = 1114.0 - plain[mixtral.model].rating
+        assert row.rating - plain[row.model].rating == pytest.approx(shift, abs=1e-6)
+    # Each bootstrap round is anchored too (as FastChat does): intervals are relative to the anchor, whose own
+    # interval shrinks to its rating.
+    assert mixtral.lower == pytest.approx(1114.0, abs=1e-6) and mixtral.upper == pytest.approx(1114.0, abs=1e-6)
+    path = tmp_path / "b.jsonl"
+    write_battles(battles, path)
+    assert main(["eval", "arena", str(path), "--bootstrap", "0", "--anchor", "tin=900"]) == 0
+    tin_line = next(line for line in capsys.readouterr().out.splitlines() if " tin " in line)
+    assert tin_line.split()[2] == "900.0"
+    with pytest.raises(SystemExit):
+        main(["eval", "arena", str(path), "--anchor", "tin"])
+    assert "MODEL=RATING" in capsys.readouterr().err
