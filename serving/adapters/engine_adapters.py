@@ -15,7 +15,12 @@ import collections
 
 from serving.adapters.paged_layout import PoolGeometry
 from serving.adapters.resident import ResidentAdapters
-from serving.adapters.store import AdapterInUse, AdapterStore, StoredAdapter, UnknownAdapter
+from serving.adapters.store import (
+    AdapterInUse,
+    AdapterStore,
+    StoredAdapter,
+    UnknownAdapter,
+)
 from serving.adapters.working_set import LoraBatch, build_lora_batch
 from serving.page_allocator import OutOfPages, PageAllocator
 from serving.request import Request

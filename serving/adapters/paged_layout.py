@@ -116,30 +116,28 @@ class SlotTable:
     scales: np.ndarray  # [n] float32
 
 
-def gather_module(k_pool, v_pool, table: SlotTable, module_index: int, in_dim: int, out_dim: int, max_rank: int,
-                  half_page: int):
-    """One layer's stacked (a [n, in, R], b [n, R, out]) of one module, gathered from the pools.
+def adapter_streams(k_pool, v_pool, table: SlotTable):
+    """Traced: each slot's value stream [n, max_pages * 2E] (every page's K part, then its V part), one layer."""
+    n, max_pages = table.pages.shape
+    k = k_pool[table.pages].reshape(n, max_pages, 1, -1)
+    v = v_pool[table.pages].reshape(n, max_pages, 1, -1)
+    return jnp.concatenate([k, v], axis=2).reshape(n, -1)
+
+
+def gather_module(streams, table: SlotTable, module_index: int, in_dim: int, out_dim: int, max_rank: int):
+    """One layer's stacked (a [n, in, R], b [n, R, out]) of one module, read from the slots' streams.
 
     Values past an adapter's rank, and modules it does not target, come out as zeros. Traced
     (jnp) code: called inside the jitted step with the table's arrays on device.
     """
-    k_flat, v_flat = k_pool.reshape(-1), v_pool.reshape(-1)
     offset = table.offsets[:, module_index]  # [n]
     rank_ids = jnp.arange(max_rank, dtype=jnp.int32)
     live = (rank_ids[None, :] < table.ranks[:, None]) & (offset[:, None] >= 0)  # [n, R]
-
-    def read(columns, width):
-        # Stream position of (adapter s, rank j, column c): j * W_s + offset_s + c.
-        pos = (rank_ids[None, :, None] * table.widths[:, None, None] + jnp.maximum(offset, 0)[:, None, None]
-               + jnp.arange(width, dtype=jnp.int32)[None, None, :] + columns)
-        page_slot = jnp.clip(pos // (2 * half_page), 0, table.pages.shape[1] - 1)
-        page = jnp.take_along_axis(table.pages, page_slot.reshape(page_slot.shape[0], -1), axis=1).reshape(pos.shape)
-        within = pos % (2 * half_page)
-        in_k = within < half_page
-        flat = page * half_page + jnp.where(in_k, within, within - half_page)
-        values = jnp.where(in_k, k_flat[flat], v_flat[flat])
-        return jnp.where(live[:, :, None], values, jnp.zeros((), values.dtype))  # [n, R, width]
-
-    a = jnp.swapaxes(read(0, in_dim), 1, 2)  # [n, in, R]
-    b = read(in_dim, out_dim)  # [n, R, out]
-    return a, b
+    # Stream position of (adapter s, rank j, column c): j * W_s + offset_s + c; A's columns then B's.
+    width = in_dim + out_dim
+    pos = (rank_ids[None, :, None] * table.widths[:, None, None] + jnp.maximum(offset, 0)[:, None, None]
+           + jnp.arange(width, dtype=jnp.int32)[None, None, :])
+    pos = jnp.minimum(pos, streams.shape[1] - 1)  # dead entries (masked below) may point past the stream
+    values = jnp.take_along_axis(streams, pos.reshape(pos.shape[0], -1), axis=1).reshape(pos.shape)
+    values = jnp.where(live[:, :, None], values, jnp.zeros((), values.dtype))  # [n, R, in + out]
+    return jnp.swapaxes(values[:, :, :in_dim], 1, 2), values[:, :, in_dim:]

@@ -12,8 +12,13 @@ import dataclasses
 
 import numpy as np
 
-from jvila.models.lora import LoraWeights, ModuleLora
-from serving.adapters.paged_layout import MODULES, PoolGeometry, SlotTable, gather_module
+from serving.adapters.paged_layout import (
+    MODULES,
+    PoolGeometry,
+    SlotTable,
+    adapter_streams,
+    gather_module,
+)
 
 MIN_RANK = 8  # smallest rank bucket (S-LoRA's smallest common rank)
 
@@ -69,16 +74,21 @@ def gather_layers(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int,
     """Traced: per layer {module: (a [n, in, R], b [n, R, out])} gathered from the pools, in the pools' dtype."""
     layers = []
     for k_pool, v_pool in zip(k_pages, v_pages):
+        streams = adapter_streams(k_pool, v_pool, table)
         layer = {}
         for m in modules:
             in_dim, out_dim = geometry.dims[m]
-            layer[m] = gather_module(k_pool, v_pool, table, MODULES.index(m), in_dim, out_dim, max_rank,
-                                     geometry.half_page)
+            layer[m] = gather_module(streams, table, MODULES.index(m), in_dim, out_dim, max_rank)
         layers.append(layer)
     return layers
 
 
 def gather_lora_weights(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int, geometry: PoolGeometry):
     """Traced: the step's `LoraWeights` (the functional core's stacked adapters) gathered from the pools."""
+    from jvila.models.lora import (  # only steps that serve adapters need the LoRA core
+        LoraWeights,
+        ModuleLora,
+    )
+
     layers = gather_layers(k_pages, v_pages, table, modules=modules, max_rank=max_rank, geometry=geometry)
     return LoraWeights(tuple({m: ModuleLora(*pair) for m, pair in layer.items()} for layer in layers), table.scales)

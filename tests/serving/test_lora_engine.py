@@ -22,7 +22,12 @@ from jvila.models.attention import dense_attention
 from jvila.models.kv_cache import contiguous_cache
 from jvila.models.llm import LLM
 from jvila.models.lora import Adapter, LoraConfig, merge, module_shape
-from serving.adapters.store import AdapterInUse, AdapterStore, UnknownAdapter, stored_adapter
+from serving.adapters.store import (
+    AdapterInUse,
+    AdapterStore,
+    UnknownAdapter,
+    stored_adapter,
+)
 from serving.engine import Engine
 from serving.request import Request, SamplingParams
 

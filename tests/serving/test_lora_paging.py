@@ -56,7 +56,7 @@ def test_gather_returns_each_adapter_zero_padded_to_the_working_rank():
     specs = {"r3": (3, ("q_proj", "v_proj")), "r8": (8, MODULES), "r13": (13, ("o_proj", "down_proj", "k_proj"))}
     for name, (rank, modules) in specs.items():
         store.add(name, random_adapter(rng, rank, modules))
-    allocator, pool, resident, geometry = make_resident(64)
+    _allocator, pool, resident, geometry = make_resident(64)
     for name in ["r13", "r3", "r8"]:
         assert resident.ensure(name, store.get(name))
     rows = ["r8", None, "r13", "r3", "r8"]
@@ -95,7 +95,7 @@ def test_pages_follow_rank_not_the_largest_rank():
 
 def test_loading_adapters_takes_kv_pages_and_eviction_gives_them_back():
     rng = np.random.default_rng(1)
-    allocator, pool, resident, geometry = make_resident(100)
+    allocator, _pool, resident, geometry = make_resident(100)
     adapters = {f"a{i}": random_adapter(rng, 8) for i in range(3)}
     need = geometry.pages_for(8, MODULES)
     for i, (name, adapter) in enumerate(adapters.items()):
@@ -122,7 +122,7 @@ def test_loading_adapters_takes_kv_pages_and_eviction_gives_them_back():
 
 def test_least_recently_used_idle_adapter_goes_first():
     rng = np.random.default_rng(2)
-    allocator, pool, resident, geometry = make_resident(3 * geometry_pages(8) + 1)
+    _allocator, _pool, resident, _geometry = make_resident(3 * geometry_pages(8) + 1)
     adapters = {n: random_adapter(rng, 8) for n in "abcd"}
     for n in "abc":
         assert resident.ensure(n, adapters[n])
