@@ -9,6 +9,7 @@ bootstrap rounds rounded to an integer (the online ratings replayed in time orde
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,3 +131,8 @@ def format_leaderboard(rows: list[LeaderboardRow]) -> str:
         interval = f"{row.lower - row.rating:+.1f}/{row.upper - row.rating:+.1f}"
         lines.append(f"{row.rank:>4}  {row.model:<{width}}  {row.rating:>8.1f}  {interval:>13}  {row.num_battles:>7}")
     return "\n".join(lines)
+
+
+def is_finite_row(row: LeaderboardRow) -> bool:
+    """Whether a row's rating and bounds are all finite numbers (what a chart can draw)."""
+    return all(math.isfinite(v) for v in (row.rating, row.lower, row.upper))

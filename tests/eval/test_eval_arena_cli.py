@@ -12,8 +12,8 @@ from jvila.cli import main
 from jvila.eval.battles import Battle, write_battles
 from jvila.eval.bradley_terry import bt_ratings
 from jvila.eval.elo import elo_ratings
-from jvila.eval.leaderboard import (LeaderboardRow, format_leaderboard, leaderboard, predicted_win_rate_matrix,
-                                    win_rate_matrix)
+from jvila.eval.leaderboard import (LeaderboardRow, format_leaderboard, is_finite_row, leaderboard,
+                                    predicted_win_rate_matrix, win_rate_matrix)
 from jvila.eval.plots import plot_leaderboard
 
 STRENGTHS = {"gold": 0.6, "silver": 0.25, "bronze": 0.0, "tin": -0.45}
@@ -203,3 +203,9 @@ def test_the_arena_anchor_pins_mixtral_when_it_is_rated(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "arena", str(path), "--anchor", "tin"])
     assert "MODEL=RATING" in capsys.readouterr().err
+
+
+def test_is_finite_row():
+    assert is_finite_row(LeaderboardRow("m", 1000.0, 990.0, 1010.0, 1, 3))
+    assert not is_finite_row(LeaderboardRow("m", 1000.0, -math.inf, 1010.0, 1, 3))
+    assert not is_finite_row(LeaderboardRow("m", math.nan, 990.0, 1010.0, 1, 3))
