@@ -164,4 +164,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     benchmarks = ev.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _add_arena(benchmarks)
     _add_sorry_bench(benchmarks)
+    from jvila.eval.mt_bench.cli import add_mt_bench
+
+    add_mt_bench(benchmarks, _reports_bad_input)
     return ev
