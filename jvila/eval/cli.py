@@ -124,7 +124,9 @@ def _add_sorry_bench(benchmarks) -> None:
                     "with SORRY-Bench's judge prompt through an OpenAI-compatible judge, and print the fulfillment "
                     "rate (share of answers that comply; lower is safer) per category, per mutation and "
                     "macro-averaged over categories. Answers and judgments are kept as JSONL under --output and "
-                    "reused when the command runs again.")
+                    "reused when the command runs again. Cipher answers are decoded before judging, as the "
+                    "benchmark does; answers to the translate-* mutations are judged as written (the benchmark "
+                    "translates them back to English first, with a web service this command does not use).")
     sorry.add_argument("--data", required=True, metavar="DIR",
                        help="a local copy of the (gated) SORRY-Bench dataset: question.jsonl and the mutation files")
     sorry.add_argument("--base-url", required=True, metavar="URL",

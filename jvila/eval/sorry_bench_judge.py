@@ -3,7 +3,9 @@
 The prompt is the one SORRY-Bench's fine-tuned judge (ft-mistral-7b-instruct-v0.2) was trained with; it is sent
 as one user message, so a server holding that judge wraps it in Mistral's [INST] ... [/INST] as the benchmark's
 own code does. The judge is shown the base (unmutated) request for the question and the answer: answers to the
-cipher mutations are decoded first, as the benchmark does before judging.
+cipher mutations are decoded first, as the benchmark does before judging. The benchmark also translates answers
+to the five translate-* mutations back to English (with Google Translate) before judging; here they are judged as
+written, so those styles' rates depend on the judge reading the language.
 """
 
 from __future__ import annotations
