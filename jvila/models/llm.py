@@ -15,6 +15,7 @@ from flax import nnx
 from jvila.config import LLMConfig
 from jvila.models.attention import Attention, CacheInfo, MaskInfo
 from jvila.models.kv_cache import KVCache, write_packed, write_pages
+from jvila.models.lora import LoraContext
 from jvila.models.rope import apply_rope, inverse_frequencies
 
 INIT_STD = 0.02  # the Hugging Face initializer range for these families
@@ -55,8 +56,9 @@ class SelfAttention(nnx.Module):
             self.o_bias = _param(None, (e,), ("embed",), dtype, fill=0.0)
         self.rope, self.head_dim, self.qkv_bias, self.out_bias = cfg.rope, d, cfg.qkv_bias, cfg.out_bias
 
-    def __call__(self, x, *, attention: Attention, mask_info: MaskInfo, cache_info, pages, num_new):
-        q, k, v = (_project_to_heads(x, w[...]) for w in (self.q_proj, self.k_proj, self.v_proj))
+    def __call__(self, x, *, attention: Attention, mask_info: MaskInfo, cache_info, pages, num_new, lora=None):
+        q, k, v = (_project_to_heads(x, w[...], lora, name)
+                   for name, w in (("q_proj", self.q_proj), ("k_proj", self.k_proj), ("v_proj", self.v_proj)))
         dt = x.dtype
         if self.qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
@@ -78,16 +80,25 @@ class SelfAttention(nnx.Module):
         # weight as is (contracting two axes made it transpose o_proj on every call).
         batch, seq = out.shape[:2]
         o_proj = self.o_proj[...].astype(dt)
-        out = out.reshape(batch, seq, -1) @ o_proj.reshape(-1, o_proj.shape[-1])
+        heads_out = out.reshape(batch, seq, -1)
+        out = heads_out @ o_proj.reshape(-1, o_proj.shape[-1])
+        if lora is not None:
+            out = lora.add("o_proj", heads_out, out)
         if self.out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, pages
 
 
-def _project_to_heads(x, w):
-    """x [b, t, e] @ w [e, heads, d] → [b, t, heads, d], as one 2-D matmul on the stored weight."""
+def _project_to_heads(x, w, lora=None, name=None):
+    """x [b, t, e] @ w [e, heads, d] → [b, t, heads, d], as one 2-D matmul on the stored weight.
+
+    `lora` (a `jvila.models.lora.LayerLora`) adds module `name`'s adapters on the flat [b, t, heads * d] output.
+    """
     e, heads, d = w.shape
-    return (x @ w.astype(x.dtype).reshape(e, heads * d)).reshape(*x.shape[:2], heads, d)
+    y = x @ w.astype(x.dtype).reshape(e, heads * d)
+    if lora is not None:
+        y = lora.add(name, x, y)
+    return y.reshape(*x.shape[:2], heads, d)
 
 
 class MLP(nnx.Module):
@@ -99,10 +110,19 @@ class MLP(nnx.Module):
         self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, lora=None):
         dt = x.dtype
+        if lora is not None:
+            return self._with_lora(x, lora)
         gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
         return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+    def _with_lora(self, x, lora):
+        """The same SwiGLU with `lora` (a `jvila.models.lora.LayerLora`) added after each projection."""
+        dt = x.dtype
+        gate = jax.nn.silu(lora.add("gate_proj", x, x @ self.gate_proj[...].astype(dt)))
+        hidden = gate * lora.add("up_proj", x, x @ self.up_proj[...].astype(dt))
+        return lora.add("down_proj", hidden, hidden @ self.down_proj[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
@@ -112,10 +132,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x, **attn_kwargs):
-        attn_out, pages = self.attn(self.input_norm(x), **attn_kwargs)
+    def __call__(self, x, lora=None, **attn_kwargs):
+        attn_out, pages = self.attn(self.input_norm(x), lora=lora, **attn_kwargs)
         x = x + attn_out
-        return x + self.mlp(self.post_attention_norm(x)), pages
+        return x + self.mlp(self.post_attention_norm(x), lora=lora), pages
 
 
 class LLM(nnx.Module):
@@ -144,6 +164,7 @@ class LLM(nnx.Module):
         num_new: jax.Array | None = None,
         cu_q_lens: jax.Array | None = None,
         token_slots: jax.Array | None = None,
+        lora: LoraContext | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """embeddings [batch, seq, hidden] → final-normed hidden states, and the updated cache.
 
@@ -152,6 +173,8 @@ class LLM(nnx.Module):
         Packed (a cache and `cu_q_lens`): embeddings are [1, T, hidden], the new tokens of the
         cache's rows back to back; token t belongs to row `token_slots[t]` at `positions[0, t]`
         (see `jvila.models.attention`), and `num_new` is not used.
+        `lora` adds the adapters it carries to each token of the flattened [batch * seq] tokens
+        (see `jvila.models.lora`); None runs the base model alone.
         """
         mask_info = MaskInfo(positions=positions, segment_ids=segment_ids)
         cache_info = None
@@ -165,7 +188,8 @@ class LLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             pages = None if cache is None else (cache.k_pages[i], cache.v_pages[i])
             x, pages = layer(
-                x, attention=attention, mask_info=mask_info, cache_info=cache_info, pages=pages, num_new=num_new
+                x, attention=attention, mask_info=mask_info, cache_info=cache_info, pages=pages, num_new=num_new,
+                lora=None if lora is None else lora.layer(i),
             )
             if cache is not None:
                 new_k.append(pages[0])

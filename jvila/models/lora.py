@@ -1,0 +1,363 @@
+"""LoRA adapters for the LLM decoder: one adapter's weights, the stacked pytree the functional core takes, merge.
+
+An adapter adds `scale * (x @ A) @ B` to a projection's output, A [in, r] and B [r, out] in the
+flat layout Hugging Face uses (heads folded into one axis, heads major: the same order as the
+decoder's [in, heads, d] weights reshaped to [in, heads * d]). PEFT's scale is alpha / r, or
+alpha / sqrt(r) with rsLoRA.
+
+Adapters enter the model as a separate pytree beside the base state (`LoraWeights`): every
+(layer, module) holds all adapters stacked, A [n, in, max_rank] and B [n, max_rank, out], ranks
+zero-padded to max_rank, with one scale per adapter. Each token names its adapter (-1 = the base
+model alone), so one jitted step serves base and adapted tokens of many adapters together
+through the batched kernels of `pallas_kernels.lora` (`bgmv` per token, `sgmv` per contiguous
+segment). Which tokens use which adapter travels in a `LoraContext` built by the functional core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jvila.config import LLMConfig
+from pallas_kernels.lora import bgmv, sgmv
+
+# The decoder's projections an adapter may target, by their Hugging Face names.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used: bad config, shapes that do not fit the base, missing files."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Hyper-parameters of one adapter (PEFT's `r`, `lora_alpha`, `use_rslora`, `target_modules`, `lora_dropout`)."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # PEFT's default for Llama and Qwen2
+    dropout: float = 0.0  # training only
+
+    def __post_init__(self):
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise AdapterError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise AdapterError(f"lora_alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise AdapterError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules:
+            raise AdapterError("an adapter needs at least one target module")
+        unknown = sorted(set(self.target_modules) - set(TARGET_MODULES))
+        if unknown:
+            raise AdapterError(f"unknown LoRA target modules {unknown}; supported: {list(TARGET_MODULES)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank) if self.use_rslora else self.alpha / self.rank
+
+
+def module_shape(cfg: LLMConfig, module: str) -> tuple[int, int]:
+    """(in, out) of a projection in the flat layout adapters use."""
+    e, m, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"q_proj": (e, q), "k_proj": (e, kv), "v_proj": (e, kv), "o_proj": (q, e),
+              "gate_proj": (e, m), "up_proj": (e, m), "down_proj": (m, e)}
+    if module not in shapes:
+        raise AdapterError(f"unknown LoRA target module {module!r}; supported: {list(TARGET_MODULES)}")
+    return shapes[module]
+
+
+@dataclasses.dataclass
+class Adapter:
+    """One adapter: weights {layer: {module: (a [in, r], b [r, out])}} (host or device arrays) and its config.
+
+    A layer or module the adapter does not touch is simply absent.
+    """
+
+    config: LoraConfig
+    weights: dict[int, dict[str, tuple]]
+
+    @property
+    def rank(self) -> int:
+        return self.config.rank
+
+    def check(self, cfg: LLMConfig) -> Adapter:
+        """Raise AdapterError unless every tensor fits the base model `cfg`; returns self."""
+        for layer, modules in self.weights.items():
+            if not 0 <= layer < cfg.num_layers:
+                raise AdapterError(f"adapter layer {layer} is outside the base model's {cfg.num_layers} layers")
+            for module, (a, b) in modules.items():
+                if module not in self.config.target_modules:
+                    raise AdapterError(f"layer {layer} has weights for {module!r}, which is not among the "
+                                       f"adapter's target modules {list(self.config.target_modules)}")
+                d_in, d_out = module_shape(cfg, module)
+                want_a, want_b = (d_in, self.rank), (self.rank, d_out)
+                if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                    raise AdapterError(f"layer {layer} {module}: lora A {tuple(a.shape)} / B {tuple(b.shape)} do not "
+                                       f"fit the base model (want A {want_a}, B {want_b})")
+        return self
+
+
+def init_adapter(cfg: LLMConfig, lora_config: LoraConfig, key: jax.Array, *, dtype=jnp.float32) -> Adapter:
+    """A fresh adapter on every layer's target modules: A Kaiming-uniform, B zero (PEFT's init: starts as the base)."""
+    weights = {}
+    for layer in range(cfg.num_layers):
+        weights[layer] = {}
+        for module in lora_config.target_modules:
+            key, sub = jax.random.split(key)
+            d_in, d_out = module_shape(cfg, module)
+            # kaiming_uniform(a=sqrt(5)) on a [r, in] matrix, as torch.nn.Linear and PEFT draw it: bound 1/sqrt(in).
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(sub, (d_in, lora_config.rank), jnp.float32, -bound, bound).astype(dtype)
+            weights[layer][module] = (a, jnp.zeros((lora_config.rank, d_out), dtype))
+    return Adapter(lora_config, weights)
+
+
+class ModuleLora(NamedTuple):
+    a: jax.Array  # [n, in, max_rank]
+    b: jax.Array  # [n, max_rank, out]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraWeights:
+    """Adapters stacked for the functional core: `layers[i][module]` = ModuleLora, `scales` [n] float32.
+
+    A (layer, module) no adapter targets is absent from `layers[i]` (costs nothing); an adapter that
+    does not target a present one has zeros there. Ranks below max_rank are zero-padded.
+    """
+
+    layers: tuple[dict[str, ModuleLora], ...]
+    scales: jax.Array
+
+    @property
+    def num_adapters(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return next(m.a.shape[-1] for layer in self.layers for m in layer.values())
+
+
+def _padded(adapter: Adapter, layer: int, module: str, max_rank: int, shape, dtype):
+    """This adapter's (a, b) padded to max_rank, or zeros where it has none."""
+    d_in, d_out = shape
+    a = np.zeros((d_in, max_rank), np.float32)
+    b = np.zeros((max_rank, d_out), np.float32)
+    pair = adapter.weights.get(layer, {}).get(module)
+    if pair is not None:
+        r = adapter.rank
+        a[:, :r] = np.asarray(pair[0], np.float32)
+        b[:r, :] = np.asarray(pair[1], np.float32)
+    return a.astype(dtype), b.astype(dtype)
+
+
+def stack_adapters(adapters: list[Adapter], max_rank: int, *, base_config: LLMConfig | None = None,
+                   target_modules: tuple[str, ...] | None = None, dtype=jnp.float32) -> LoraWeights:
+    """Stack adapters (slot i = adapters[i]) into the pytree the functional core takes.
+
+    Modules: `target_modules`, or the union of the adapters'. With `base_config`, every adapter is
+    checked against it and `layers` covers all of its layers; else dims come from the adapters.
+    """
+    if not adapters:
+        raise AdapterError("stack_adapters needs at least one adapter")
+    for i, adapter in enumerate(adapters):
+        if adapter.rank > max_rank:
+            raise AdapterError(f"adapter {i} has rank {adapter.rank}, above the maximum rank {max_rank}")
+        if base_config is not None:
+            adapter.check(base_config)
+    modules = target_modules or tuple(m for m in TARGET_MODULES if any(m in a.config.target_modules for a in adapters))
+    if base_config is not None:
+        num_layers = base_config.num_layers
+    else:
+        num_layers = 1 + max((layer for a in adapters for layer in a.weights), default=-1)
+    layers = []
+    for layer in range(num_layers):
+        entry = {}
+        for module in modules:
+            if base_config is not None:
+                shape = module_shape(base_config, module)
+            else:
+                present = [a.weights[layer][module] for a in adapters if module in a.weights.get(layer, {})]
+                if not present:
+                    continue
+                shape = (present[0][0].shape[0], present[0][1].shape[1])
+            pairs = [_padded(a, layer, module, max_rank, shape, dtype) for a in adapters]
+            entry[module] = ModuleLora(jnp.asarray(np.stack([p[0] for p in pairs])),
+                                       jnp.asarray(np.stack([p[1] for p in pairs])))
+        layers.append(entry)
+    scales = jnp.asarray([a.config.scale for a in adapters], jnp.float32)
+    return LoraWeights(tuple(layers), scales)
+
+
+def empty_slots(cfg: LLMConfig, num_slots: int, max_rank: int, target_modules=TARGET_MODULES, *,
+                dtype=jnp.float32) -> LoraWeights:
+    """`num_slots` all-zero adapter slots on every layer (fill them with `set_slot`)."""
+    layers = []
+    for _ in range(cfg.num_layers):
+        entry = {}
+        for module in target_modules:
+            d_in, d_out = module_shape(cfg, module)
+            entry[module] = ModuleLora(jnp.zeros((num_slots, d_in, max_rank), dtype),
+                                       jnp.zeros((num_slots, max_rank, d_out), dtype))
+        layers.append(entry)
+    return LoraWeights(tuple(layers), jnp.zeros((num_slots,), jnp.float32))
+
+
+def set_slot(weights: LoraWeights, slot: int, adapter: Adapter) -> LoraWeights:
+    """`weights` with slot `slot` holding `adapter` (padded; modules it lacks zeroed)."""
+    if not 0 <= slot < weights.num_adapters:
+        raise AdapterError(f"slot {slot} is outside the {weights.num_adapters} slots")
+    if adapter.rank > weights.max_rank:
+        raise AdapterError(f"adapter rank {adapter.rank} is above the maximum rank {weights.max_rank}")
+    missing = sorted(set(adapter.config.target_modules) - {m for layer in weights.layers for m in layer})
+    if missing and any(adapter.weights.values()):
+        raise AdapterError(f"the slots hold no room for target modules {missing}")
+    layers = []
+    for i, layer in enumerate(weights.layers):
+        entry = {}
+        for module, m in layer.items():
+            a, b = _padded(adapter, i, module, weights.max_rank, (m.a.shape[1], m.b.shape[2]), m.a.dtype)
+            entry[module] = ModuleLora(m.a.at[slot].set(a), m.b.at[slot].set(b))
+        layers.append(entry)
+    return LoraWeights(tuple(layers), weights.scales.at[slot].set(adapter.config.scale))
+
+
+# ----------------------------------------------------------------------------- applying in the model
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraContext:
+    """What one forward pass needs to add the adapters: built by the functional core, read by the model.
+
+    Tokens are the model's [batch, seq] flattened row-major. Either per-token adapters (`bgmv`)
+    or contiguous segments with one adapter each (`sgmv`: starts [S + 1], adapters [S]).
+    `dropout_key` (training) drops input features of the adapted path at `dropout_rate`.
+    `implementation` is passed to the kernels (None = the platform's dispatch).
+    """
+
+    weights: LoraWeights
+    token_adapters: jax.Array | None = None
+    segment_starts: jax.Array | None = None
+    segment_adapters: jax.Array | None = None
+    dropout_rate: float = 0.0
+    dropout_key: jax.Array | None = None
+    implementation: str | None = None
+
+    def layer(self, index: int) -> LayerLora | None:
+        if index >= len(self.weights.layers) or not self.weights.layers[index]:
+            return None
+        key = None if self.dropout_key is None else jax.random.fold_in(self.dropout_key, index)
+        return LayerLora(self, self.weights.layers[index], key)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLora:
+    """One layer's adapters; the decoder calls `add(module, x, y)` after each targeted projection."""
+
+    context: LoraContext
+    modules: dict[str, ModuleLora]
+    dropout_key: jax.Array | None
+
+    def add(self, module: str, x: jax.Array, y: jax.Array) -> jax.Array:
+        """y [..., out] + this module's adapter on x [..., in], per token; y unchanged if the module has none."""
+        m = self.modules.get(module)
+        if m is None:
+            return y
+        ctx = self.context
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if self.dropout_key is not None and ctx.dropout_rate > 0:
+            key = jax.random.fold_in(self.dropout_key, TARGET_MODULES.index(module))
+            keep = jax.random.bernoulli(key, 1.0 - ctx.dropout_rate, x2.shape)
+            x2 = jnp.where(keep, x2 / (1.0 - ctx.dropout_rate), 0).astype(x2.dtype)
+        if ctx.segment_starts is not None:
+            out = sgmv(y2, x2, m.a, m.b, ctx.segment_starts, ctx.segment_adapters, ctx.weights.scales,
+                       implementation=ctx.implementation)
+        else:
+            out = bgmv(y2, x2, m.a, m.b, ctx.token_adapters, ctx.weights.scales, implementation=ctx.implementation)
+        return out.reshape(y.shape)
+
+
+def per_token_context(weights: LoraWeights, token_adapters, num_tokens: int, **kwargs) -> LoraContext:
+    """Context for `num_tokens` flattened tokens, one adapter index each (None: all adapter 0, n must be 1)."""
+    if token_adapters is None:
+        if weights.num_adapters != 1:
+            raise ValueError(f"with {weights.num_adapters} adapters, token_adapters must say which each token uses")
+        token_adapters = jnp.zeros((num_tokens,), jnp.int32)
+    token_adapters = jnp.asarray(token_adapters, jnp.int32).reshape(-1)
+    if token_adapters.shape[0] != num_tokens:
+        raise ValueError(f"token_adapters has {token_adapters.shape[0]} entries for {num_tokens} tokens")
+    return LoraContext(weights, token_adapters=token_adapters, **kwargs)
+
+
+def padded_batch_context(weights: LoraWeights, token_adapters, batch: int, seq: int, **kwargs) -> LoraContext:
+    """Context for a [batch, seq] token array: token_adapters [batch, seq] (per token) or [batch] (per row).
+
+    Per row with seq > 1 uses `sgmv` over the rows (each row a segment); otherwise `bgmv`.
+    """
+    if token_adapters is not None:
+        token_adapters = jnp.asarray(token_adapters, jnp.int32)
+        if token_adapters.shape == (batch,) and seq > 1:
+            starts = jnp.arange(batch + 1, dtype=jnp.int32) * seq
+            return LoraContext(weights, segment_starts=starts, segment_adapters=token_adapters, **kwargs)
+        if token_adapters.shape == (batch,):
+            token_adapters = token_adapters[:, None]
+        if token_adapters.shape != (batch, seq):
+            raise ValueError(f"token_adapters {token_adapters.shape} must be [batch] or [batch, seq] = {(batch, seq)}")
+    return per_token_context(weights, token_adapters, batch * seq, **kwargs)
+
+
+def packed_context(weights: LoraWeights, token_adapters, cu_q_lens, num_tokens: int, **kwargs) -> LoraContext:
+    """Context for packed tokens [T] whose rows are cu_q_lens segments; token_adapters [T].
+
+    All tokens of a row must share one adapter (a row is one request). A decode-shaped step
+    (T <= rows) runs `bgmv` per token; a longer one `sgmv` with one segment per row.
+    """
+    num_rows = cu_q_lens.shape[0] - 1
+    context = per_token_context(weights, token_adapters, num_tokens, **kwargs)
+    if num_tokens <= num_rows:
+        return context
+    first = jnp.clip(cu_q_lens[:-1], 0, num_tokens - 1)
+    return dataclasses.replace(context, token_adapters=None, segment_starts=cu_q_lens.astype(jnp.int32),
+                               segment_adapters=context.token_adapters[first])
+
+
+# ----------------------------------------------------------------------------- merge / unmerge
+
+
+_BLOCK = {m: "attn" for m in ATTENTION_MODULES} | {m: "mlp" for m in MLP_MODULES}
+
+
+def _fold(graphdef, state, adapter: Adapter, sign: float):
+    cfg = nnx.merge(graphdef, state).config
+    adapter.check(cfg)
+    new = jax.tree.map(lambda x: x, state)  # a new tree of the same variables: the caller's stays intact
+    scale = sign * adapter.config.scale
+    for layer, modules in adapter.weights.items():
+        for module, (a, b) in modules.items():
+            var = new["layers"][layer][_BLOCK[module]][module]
+            w = var.get_value()
+            delta = jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                               precision=jax.lax.Precision.HIGHEST)
+            updated = (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
+            new["layers"][layer][_BLOCK[module]][module] = var.replace(updated)
+    return new
+
+
+def merge(graphdef, state, adapter: Adapter):
+    """The base state with `scale * A @ B` added to every targeted weight (a new state; `state` is untouched)."""
+    return _fold(graphdef, state, adapter, 1.0)
+
+
+def unmerge(graphdef, state, adapter: Adapter):
+    """The inverse of `merge`: subtracts the adapter again (exact up to floating-point rounding)."""
+    return _fold(graphdef, state, adapter, -1.0)
