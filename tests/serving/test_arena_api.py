@@ -1,0 +1,224 @@
+"""The Arena's HTTP API on a live server (the real engine on a tiny random Llama), its votes in SQLite.
+
+Both anonymous answers are checked token for token against the same weights in PyTorch (greedy
+contestants), which also proves that the names revealed after the vote belong to the answers shown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from jvila.cli import main
+from jvila.eval.battles import parse_battles_text
+from live_server import CONTEXT, MODEL_NAME, NUM_PAGES, raw_request, reference_greedy, tiny_model, tiny_tokenizer
+from serving.api_server import ServerThread, create_app
+from serving.arena import ArenaOptions, mount_arena
+from serving.async_engine import AsyncEngine
+from serving.launch import EngineOptions, build_engine, make_scheduler_for
+
+MAX_TOKENS = 6
+SYSTEMS = {"alpha": "You are a helpful assistant.", "beta": None}
+
+
+@contextlib.contextmanager
+def arena_server(tokenizer, graphdef, state, database: str, contestants_file: str | None, **arena_options):
+    """The real engine, the OpenAI app and the Arena on 127.0.0.1 (a free port); stopped on exit."""
+    options = EngineOptions(num_pages=NUM_PAGES, page_size=16, max_running=4, token_budget=8, max_context=CONTEXT)
+    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for("fcfs"), options=options)
+    app = create_app(AsyncEngine(engine), tokenizer, model_name=MODEL_NAME, max_context=engine.max_context,
+                     vocab_size=engine.vocab_size)
+    arena = mount_arena(app, ArenaOptions(database=database, contestants_file=contestants_file,
+                                          max_tokens=MAX_TOKENS, bootstrap_rounds=20, **arena_options))
+    server = ServerThread(app).start()
+    try:
+        yield server, arena, engine
+    finally:
+        server.stop()
+        arena.store.close()
+
+
+def write_contestants(path) -> str:
+    entries = [{"name": name, "model": MODEL_NAME, "temperature": 0} | ({"system": system} if system else {})
+               for name, system in SYSTEMS.items()]
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+def stream_answers(server, battle_id: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=120)
+    try:
+        conn.request("POST", f"/arena/api/battles/{battle_id}/answers")
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def events(raw: str) -> list[dict]:
+    return [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+
+
+def expected_answer(hf, tokenizer, name: str, prompt: str) -> str:
+    messages = ([{"role": "system", "content": SYSTEMS[name]}] if SYSTEMS[name] else []) + [
+        {"role": "user", "content": prompt}]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                           add_special_tokens=False)
+    tokens, _ = reference_greedy(hf, ids, MAX_TOKENS, tokenizer.eos_ids)
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = tiny_tokenizer()
+    hf, graphdef, state = tiny_model(tokenizer.vocab_size)
+    return tokenizer, hf, graphdef, state
+
+
+def test_battle_streams_anonymous_answers_then_takes_one_vote_and_survives_a_restart(tiny, tmp_path):
+    tokenizer, hf, graphdef, state = tiny
+    rng = random.Random()
+    database = str(tmp_path / "arena.db")
+    contestants = write_contestants(tmp_path / "contestants.json")
+    prompt = f"Hello {rng.randint(0, 10**6)}! What is the capital of France?"
+    with arena_server(tokenizer, graphdef, state, database, contestants) as (server, arena, engine):
+        status, created = raw_request(server, "POST", "/arena/api/battles", json.dumps({"prompt": prompt}))
+        assert status == 201, created
+        battle_id = created["battle_id"]
+        status, body = raw_request(server, "POST", f"/arena/api/battles/{battle_id}/vote", '{"winner": "tie"}')
+        assert status == 409 and "before both answers" in body["error"]["message"]
+
+        status, raw = stream_answers(server, battle_id)
+        assert status == 200
+        # Nothing in the stream may name a contestant or the model before the vote.
+        for name in (*SYSTEMS, MODEL_NAME):
+            assert name not in raw
+        received = events(raw)
+        assert received[-1] == {"done": True}
+        streamed = {side: "".join(e.get("text", "") for e in received if e.get("side") == side) for side in "ab"}
+        finals = {e["side"]: e for e in received if e.get("done") and "side" in e}
+        assert set(finals) == {"a", "b"} and all(set(e) == {"side", "done", "finish_reason"} for e in finals.values())
+        assert {k for e in received for k in e} <= {"side", "text", "done", "finish_reason"}
+        assert raw_request(server, "GET", f"/arena/api/battles/{battle_id}")[1]["model_a"] is None
+        status, body = stream_answers(server, battle_id)
+        assert status == 409 and "already been streamed" in body
+
+        winner = rng.choice(["model_a", "model_b", "tie", "tie (bothbad)"])
+        status, voted = raw_request(server, "POST", f"/arena/api/battles/{battle_id}/vote",
+                                    json.dumps({"winner": winner}))
+        assert status == 200 and voted["winner"] == winner
+        assert {voted["model_a"], voted["model_b"]} == set(SYSTEMS)
+        # The revealed names belong to the answers shown: each side is its contestant's greedy answer.
+        for side in "ab":
+            assert streamed[side] == voted[f"answer_{side}"] == expected_answer(hf, tokenizer, voted[f"model_{side}"],
+                                                                                 prompt)
+        status, body = raw_request(server, "POST", f"/arena/api/battles/{battle_id}/vote", '{"winner": "model_b"}')
+        assert status == 409 and "already been voted" in body["error"]["message"]
+
+        # Bad input: clear 4xx answers, and nothing stored.
+        before = arena.store.count()
+        for path, payload, expected_status, message in (
+                (f"/arena/api/battles/{'f' * 32}/vote", {"winner": "tie"}, 404, "no battle"),
+                (f"/arena/api/battles/{'f' * 32}/answers", None, 404, "no battle"),
+                ("/arena/api/battles", {"prompt": "x" * 8001}, 413, "at most 8000"),
+                ("/arena/api/battles", {"prompt": "   "}, 400, "empty"),
+                ("/arena/api/battles", {"prompt": "capital " * 150}, 400, "no room for an answer"),
+                ("/arena/api/battles", {"text": "hi"}, 400, "prompt"),
+                ("/arena/api/battles", "{not json", 400, "")):
+            body = payload if isinstance(payload, str) else json.dumps(payload) if payload is not None else None
+            status, answer = raw_request(server, "POST", path, body)
+            assert status == expected_status and message in answer["error"]["message"], (path, answer)
+        assert arena.store.count() == before
+
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        conn.request("GET", "/arena/battles.jsonl")
+        exported = conn.getresponse().read().decode()
+        conn.close()
+        assert engine.metrics()["running"] == 0
+
+    (battle,) = parse_battles_text(exported)
+    assert (battle.model_a, battle.model_b, battle.winner) == (voted["model_a"], voted["model_b"], winner)
+    # The vote, as any SQLite client finds it.
+    with sqlite3.connect(database) as db:
+        assert db.execute("SELECT battle_id, winner FROM arena_votes").fetchall() == [(battle_id, winner)]
+
+    # A restarted server on the same database: the vote is there, once, and cannot be cast again.
+    with arena_server(tokenizer, graphdef, state, database, contestants) as (server, arena, _):
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        conn.request("GET", "/arena/battles.jsonl")
+        assert conn.getresponse().read().decode() == exported
+        conn.close()
+        status, board = raw_request(server, "GET", "/arena/api/leaderboard")
+        assert status == 200 and board["votes"] == 1
+        assert sorted(row["model"] for row in board["rows"]) == sorted(SYSTEMS)
+        assert all(row["num_battles"] == 1 for row in board["rows"])
+        status, body = raw_request(server, "POST", f"/arena/api/battles/{battle_id}/vote", '{"winner": "tie"}')
+        assert status == 409
+
+    # The export is what `jvila eval arena` reads.
+    path = tmp_path / "battles.jsonl"
+    path.write_text(exported)
+    done = subprocess.run([sys.executable, "-m", "jvila.cli", "eval", "arena", str(path), "--bootstrap", "10"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "alpha" in done.stdout and "beta" in done.stdout
+
+
+def test_leaderboard_and_chart_follow_the_votes(tiny, tmp_path):
+    """Votes stored straight into the database are rated as jvila.eval.leaderboard rates the exported battles."""
+    from jvila.eval.leaderboard import leaderboard
+
+    tokenizer, _, graphdef, state = tiny
+    database = str(tmp_path / "arena.db")
+    rng = random.Random()
+    with arena_server(tokenizer, graphdef, state, database, write_contestants(tmp_path / "c.json")) as (
+            server, arena, _):
+        status, board = raw_request(server, "GET", "/arena/api/leaderboard")
+        assert status == 200 and board["votes"] == 0 and board["rows"] == []
+        assert raw_request(server, "GET", "/arena/leaderboard.png")[0] == 404
+        for _ in range(12):
+            a, b = rng.sample(sorted(SYSTEMS), 2)
+            battle = arena.store.create_battle("q", a, b)
+            arena.store.save_answer(battle.id, "a", "x", 1)
+            arena.store.save_answer(battle.id, "b", "y", 1)
+            arena.store.vote(battle.id, rng.choice(["model_a", "model_b", "tie", "tie (bothbad)"]))
+        status, board = raw_request(server, "GET", "/arena/api/leaderboard")
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        conn.request("GET", "/arena/battles.jsonl")
+        battles = parse_battles_text(conn.getresponse().read().decode())
+        conn.request("GET", "/arena/leaderboard.png")
+        chart = conn.getresponse()
+        png = chart.read()
+        conn.close()
+    expected = leaderboard(battles, method="bt", bootstrap_rounds=20, seed=0)
+    assert board["votes"] == 12
+    assert [(r["model"], r["rank"], r["num_battles"]) for r in board["rows"]] == [
+        (r.model, r.rank, r.num_battles) for r in expected]
+    assert [r["rating"] for r in board["rows"]] == pytest.approx([r.rating for r in expected], rel=1e-12)
+    assert chart.getheader("Content-Type") == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_arena_refuses_a_bad_setup(tiny, tmp_path, capsys):
+    tokenizer, _, graphdef, state = tiny
+    # One served model and no contestants file: fewer than two contestants.
+    with (pytest.raises(ValueError, match="at least two contestants"),
+          arena_server(tokenizer, graphdef, state, str(tmp_path / "a.db"), None)):
+        pass
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(f"- {{name: a, model: {MODEL_NAME}}}\n- {{name: b, model: gpt-17}}\n")
+    with (pytest.raises(ValueError, match="'gpt-17', which this server does not serve"),
+          arena_server(tokenizer, graphdef, state, str(tmp_path / "a.db"), str(unknown))):
+        pass
+    # The command line checks the Arena's files before loading any model.
+    for argv, message in ((["--arena", "--arena-contestants", str(tmp_path / "missing.yaml")], "does not exist"),
+                          (["--arena", "--arena-db", str(tmp_path / "no" / "dir.db")], "does not exist"),
+                          (["--arena-db", "x.db"], "apply to --arena")):
+        assert main(["serve", "--model", str(tmp_path / "not-a-model"), *argv]) == 2
+        assert message in capsys.readouterr().err
