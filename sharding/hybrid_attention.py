@@ -13,6 +13,10 @@ shard is in exactly the order the ring expects.
 
 from __future__ import annotations
 
+import jax
+from jax.sharding import PartitionSpec
+
+from sharding.mesh import A2A_AXIS, RING_AXIS
 from sharding.ring_attention import ring_attention
 from sharding.ulysses_attention import ulysses_attention
 
@@ -27,3 +31,44 @@ def hybrid_attention(q, k, v, *, ring_axis, a2a_axis, causal=True, segment_ids=N
 
     return ulysses_attention(q, k, v, axis_name=a2a_axis, causal=causal, segment_ids=segment_ids,
                              sm_scale=sm_scale, implementation=implementation, inner=ring)
+
+
+def sequence_axes(mesh) -> tuple[str, ...]:
+    """The sequence axes of `mesh` that split anything, ring-major (the rule table's order)."""
+    return tuple(axis for axis in (RING_AXIS, A2A_AXIS) if mesh.shape.get(axis, 1) > 1)
+
+
+def sequence_parallel_attention(q, k, v, segment_ids, *, mesh, rows, heads, causal=True, layout="contiguous",
+                                implementation=None):
+    """Cache-free attention of whole arrays with the sequence sharded over the mesh's sequence axes.
+
+    The strategy follows the mesh: a ring axis alone gives ring attention, an all-to-all axis alone
+    Ulysses, both the 2D hybrid. `rows` and `heads` are the mesh axes (or None) that batch rows and
+    heads split over as well. Returns the output in q's layout.
+    """
+    axes = sequence_axes(mesh)
+    ring_size, a2a_size = mesh.shape.get(RING_AXIS, 1), mesh.shape.get(A2A_AXIS, 1)
+    ways = ring_size * a2a_size
+    if q.shape[1] % ways:
+        raise ValueError(f"sequence length {q.shape[1]} does not split over {ways} sequence shards {axes}: "
+                         f"pad the batch to a multiple of {ways}")
+    local_len = q.shape[1] // ways
+    if layout == "zigzag" and (local_len * a2a_size) % 2:
+        raise ValueError(f"the zigzag layout needs an even length per ring shard; pad the sequence to a multiple "
+                         f"of {2 * ways}")
+
+    def attend(q, k, v, seg):
+        if a2a_size == 1:
+            return ring_attention(q, k, v, axis_name=RING_AXIS, causal=causal, segment_ids=seg, layout=layout,
+                                  implementation=implementation)[0]
+        if ring_size == 1:
+            return ulysses_attention(q, k, v, axis_name=A2A_AXIS, causal=causal, segment_ids=seg,
+                                     implementation=implementation)
+        return hybrid_attention(q, k, v, ring_axis=RING_AXIS, a2a_axis=A2A_AXIS, causal=causal, segment_ids=seg,
+                                layout=layout, implementation=implementation)
+
+    seq = axes[0] if len(axes) == 1 else axes
+    qkv = PartitionSpec(rows, seq, heads, None)
+    seg_spec = None if segment_ids is None else PartitionSpec(rows, seq)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, seg_spec), out_specs=qkv,
+                         check_vma=False)(q, k, v, segment_ids)

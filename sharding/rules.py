@@ -19,7 +19,8 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 # same array. None = replicated.
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
-    ("sequence", ("sequence",)),
+    # Ring-major, all-to-all-minor: device (i, j) holds piece j of ring shard i (hybrid_attention).
+    ("sequence", ("sequence", "sequence_a2a")),
     ("vocab", ("tensor",)),
     ("embed", ("fsdp",)),
     ("mlp", ("tensor",)),
@@ -60,7 +61,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     for name, size in zip(names, shape):
         axes = []
         for axis in table.get(name) or ():
-            if axis in used or mesh.shape[axis] == 1:
+            if axis in used or mesh.shape.get(axis, 1) == 1:
                 continue
             if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]):
                 continue

@@ -11,6 +11,11 @@ Batch rows split over the mesh axes the logical name "batch" maps to and heads o
 "q_heads" (when both q and kv head counts divide), exactly as the rule table places
 activations, so the kernels see local shards and nothing moves. The mesh is `mesh` if given,
 else the one set with `jax.set_mesh`; with neither, or one device, kernels are called directly.
+
+A mesh whose sequence axes ("sequence": ring, "sequence_a2a": Ulysses) split anything makes the
+cache-free path sequence-parallel: ring, Ulysses or both (`sharding.hybrid_attention`), chosen by
+the mesh. `sequence_layout="zigzag"` says the batch was put in zigzag order once
+(`sharding.load_balance.zigzag_batch`), so the ring's causal mask uses the true positions.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jvila.models.attention import CacheInfo, MaskInfo, dense_attention
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention
+from sharding.hybrid_attention import sequence_axes, sequence_parallel_attention
 from sharding.rules import DEFAULT_RULES
 
 
@@ -46,6 +52,7 @@ class KernelAttention:
 
     implementation: str | None = None
     mesh: Mesh | None = None
+    sequence_layout: str = "contiguous"  # or "zigzag" (see the module docstring)
 
     def __call__(self, q, k, v, *, mask_info: MaskInfo, cache_info: CacheInfo | None):
         mesh = self.mesh if self.mesh is not None else jax.sharding.get_abstract_mesh()
@@ -69,6 +76,9 @@ class KernelAttention:
             return attend(q, k, v, segment_ids)
         rows = _divisible_axes(mesh, "batch", [q.shape[0]])
         heads = _divisible_axes(mesh, "q_heads", [q.shape[2], k.shape[2]])
+        if sequence_axes(mesh):
+            return sequence_parallel_attention(q, k, v, segment_ids, mesh=mesh, rows=rows, heads=heads,
+                                               layout=self.sequence_layout, implementation=self.implementation)
         qkv = PartitionSpec(rows, None, heads, None)
         seg = None if segment_ids is None else PartitionSpec(rows, None)
         return jax.shard_map(attend, mesh=mesh, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
