@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jvila.checkpoints.errors import CheckpointError
 from jvila.config import LLMConfig
 from pallas_kernels.lora import bgmv, sgmv
 
@@ -33,8 +34,8 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
 
 
-class AdapterError(ValueError):
-    """An adapter that cannot be used: bad config, shapes that do not fit the base, missing files."""
+class AdapterError(CheckpointError):
+    """An adapter that cannot be used: bad config, shapes that do not fit the base, missing files (a ValueError)."""
 
 
 @dataclasses.dataclass(frozen=True)

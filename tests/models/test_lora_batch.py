@@ -1,0 +1,149 @@
+"""Many adapters in one batch through the functional core equal each adapter merged into the base weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jvila.config import LLMConfig
+from jvila.models import functional
+from jvila.models.attention import dense_attention
+from jvila.models.kv_cache import contiguous_cache
+from jvila.models.llm import LLM
+from jvila.models.lora import TARGET_MODULES, AdapterError, merge, stack_adapters, unmerge
+
+from lora_fixtures import random_adapter
+
+# Sizes that divide nothing in particular; q/k/v biases and an o bias so the adapters sit beside them.
+CFG = LLMConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4, num_kv_heads=2,
+                head_dim=12, qkv_bias=True, out_bias=True)
+RANKS = (8, 16, 24, 32, 40, 48, 56, 64)
+# Every adapter a different subset of modules (all, attention only, MLP only, single modules).
+MODULE_SETS = (TARGET_MODULES, ("q_proj", "v_proj"), ("gate_proj", "up_proj", "down_proj"), ("o_proj",),
+               ("k_proj", "down_proj"), TARGET_MODULES, ("q_proj", "k_proj", "v_proj", "o_proj"), ("up_proj",))
+NEW_TOKENS = 6
+PAD_TOKENS = 160  # packed prefill width: more tokens than rows, so the prefill takes the sgmv path
+
+extend_packed = jax.jit(functional.extend_packed, static_argnames=("graphdef", "attention"))
+logits = jax.jit(functional.logits, static_argnames=("graphdef", "attention"))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng()
+    graphdef, state = nnx.split(LLM(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30)))))
+    adapters = [random_adapter(CFG, r, mods, rng, alpha=float(r), std=0.5 / np.sqrt(r))
+                for r, mods in zip(RANKS, MODULE_SETS)]
+    return graphdef, state, adapters, rng
+
+
+def greedy(graphdef, state, prompts, lora=None, row_adapters=None):
+    """Greedy decode of every prompt at once through extend_packed: packed prefill, then decode steps."""
+    rows = len(prompts)
+    cache = contiguous_cache(CFG, rows, max(map(len, prompts)) + NEW_TOKENS, page_size=8)
+    tokens = np.zeros(PAD_TOKENS, np.int32)
+    flat = np.concatenate(prompts)
+    tokens[: len(flat)] = flat
+    cu = np.concatenate([[0], np.cumsum([len(p) for p in prompts])]).astype(np.int32)
+    kwargs = {}
+    if lora is not None:
+        # Padding tokens carry an arbitrary index: they must not matter.
+        per_token = np.full(PAD_TOKENS, -1, np.int32)
+        per_token[: len(flat)] = np.repeat(row_adapters, [len(p) for p in prompts])
+        kwargs = dict(lora=lora, token_adapters=jnp.asarray(per_token))
+    logits, cache = extend_packed(graphdef, state, jnp.asarray(tokens), jnp.asarray(cu), cache,
+                                  attention=dense_attention, **kwargs)
+    out, all_logits = [], [logits]
+    step_cu = jnp.arange(rows + 1, dtype=jnp.int32)
+    for _ in range(NEW_TOKENS):
+        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        out.append(np.asarray(nxt))
+        if lora is not None:
+            kwargs["token_adapters"] = jnp.asarray(row_adapters, jnp.int32)  # T == rows: the bgmv path
+        logits, cache = extend_packed(graphdef, state, nxt, step_cu, cache, attention=dense_attention, **kwargs)
+        all_logits.append(logits)
+    return np.stack(out, axis=1), np.stack([np.asarray(x) for x in all_logits], axis=1)
+
+
+def test_eight_adapters_in_one_batch_match_merged_models(setup):
+    graphdef, state, adapters, rng = setup
+    lora = stack_adapters(adapters, max_rank=64, base_config=CFG)
+    # Ten rows: the eight adapters in shuffled order, the base model (-1), and one adapter twice.
+    row_adapters = np.concatenate([rng.permutation(8), [-1, 3]]).astype(np.int32)
+    prompts = [rng.integers(0, CFG.vocab_size, n).astype(np.int32) for n in rng.integers(3, 15, len(row_adapters))]
+    got_tokens, got_logits = greedy(graphdef, state, prompts, lora, row_adapters)
+
+    base_tokens = None
+    for which in range(-1, 8):
+        merged = state if which < 0 else merge(graphdef, state, adapters[which])
+        want_tokens, want_logits = greedy(graphdef, merged, prompts)
+        if which < 0:
+            base_tokens = want_tokens
+        for row in np.flatnonzero(row_adapters == which):
+            np.testing.assert_array_equal(got_tokens[row], want_tokens[row], err_msg=f"row {row}, adapter {which}")
+            # Same float32 math grouped differently (x@A@B beside W versus x@(W + AB)): rounding only.
+            err = np.abs(got_logits[row] - want_logits[row]).max() / np.abs(want_logits[row]).max()
+            assert err < 1e-4, (row, which, err)
+    # The adapters matter: most adapted rows decode differently from the base model.
+    differs = [(got_tokens[r] != base_tokens[r]).any() for r in range(10) if row_adapters[r] >= 0]
+    assert sum(differs) >= 6, differs
+
+
+def test_per_row_and_per_token_indices_agree_and_base_rows_are_untouched(setup):
+    graphdef, state, adapters, rng = setup
+    lora = stack_adapters(adapters[:3], max_rank=24, base_config=CFG)
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (4, 13)), jnp.int32)
+    rows = jnp.asarray([2, -1, 0, 1], jnp.int32)
+    per_row = logits(graphdef, state, tokens, attention=dense_attention, lora=lora, token_adapters=rows)
+    per_token = logits(graphdef, state, tokens, attention=dense_attention, lora=lora,
+                                  token_adapters=jnp.repeat(rows[:, None], 13, axis=1))
+    base = logits(graphdef, state, tokens, attention=dense_attention)
+    # sgmv (segments) and bgmv (per token) run the same reference math on CPU.
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(per_token), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(per_row[1]), np.asarray(base[1]))
+    assert np.abs(np.asarray(per_row[0]) - np.asarray(base[0])).max() > 1e-2
+    # One adapter alone: no indices needed.
+    single = stack_adapters([adapters[2]], max_rank=24)
+    alone = logits(graphdef, state, tokens, attention=dense_attention, lora=single)
+    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(per_row[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_then_unmerge_restores_the_base(setup):
+    graphdef, state, adapters, _ = setup
+    adapter = adapters[0]  # every module
+    merged = merge(graphdef, state, adapter)
+    restored = unmerge(graphdef, merged, adapter)
+    flat = dict(nnx.to_flat_state(state))
+    for path, var in nnx.to_flat_state(merged):
+        before, after = np.asarray(flat[path].get_value()), np.asarray(var.get_value())
+        targeted = path[0] == "layers" and path[-1] in TARGET_MODULES
+        assert (np.abs(after - before).max() > 1e-3) == targeted, path
+    for path, var in nnx.to_flat_state(restored):
+        # Adding then subtracting the same float32 delta: a few ulps of the weights (~0.02) at most.
+        np.testing.assert_allclose(np.asarray(var.get_value()), np.asarray(flat[path].get_value()), atol=1e-7)
+    # The merged weight is W + scale * A @ B in the decoder's [in, heads, d] layout.
+    a, b = adapter.weights[1]["q_proj"]
+    want = np.asarray(flat[("layers", 1, "attn", "q_proj")].get_value()) + (
+        adapter.config.scale * (a.astype(np.float64) @ b)).reshape(CFG.hidden_size, CFG.num_heads, CFG.head_dim)
+    np.testing.assert_allclose(np.asarray(merged["layers"][1]["attn"]["q_proj"].get_value()), want, atol=1e-6)
+
+
+def test_bad_adapters_and_indices_are_refused(setup):
+    graphdef, state, adapters, rng = setup
+    with pytest.raises(AdapterError, match="adapter 4 has rank 40, above the maximum rank 32"):
+        stack_adapters(adapters, max_rank=32)
+    wrong = random_adapter(CFG.__class__(**{**CFG.__dict__, "hidden_size": 40}), 8, ("q_proj",), rng)
+    with pytest.raises(AdapterError, match="do not fit the base model"):
+        stack_adapters([wrong], max_rank=8, base_config=CFG)
+    with pytest.raises(AdapterError, match="do not fit the base model"):
+        merge(graphdef, state, wrong)
+    with pytest.raises(AdapterError, match="unknown LoRA target modules"):
+        random_adapter(CFG, 8, ("q_proj", "embed_tokens"), rng)
+    lora = stack_adapters(adapters[:2], max_rank=16)
+    tokens = jnp.zeros((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match="token_adapters must say"):
+        functional.logits(graphdef, state, tokens, attention=dense_attention, lora=lora)
+    with pytest.raises(ValueError, match=r"must be \[batch\] or \[batch, seq\]"):
+        functional.logits(graphdef, state, tokens, attention=dense_attention, lora=lora,
+                          token_adapters=jnp.zeros((3,), jnp.int32))
