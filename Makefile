@@ -20,6 +20,16 @@ $(STAMP): pyproject.toml Makefile
 	# libtpu for compiling TPU kernels on this host (tests/benchmarks/test_tpu_compile_check.py). Kept out
 	# of site-packages: there jax would look for a TPU at every start.
 	$(PIP) install -q --no-deps --upgrade --target $(LIBTPU) "$$($(PY) -m pallas_kernels.tpu_aot --requirement)"
+	# The Arena's browser test (tests/serving/test_arena_browser.py) drives Debian's chromium through
+	# Playwright, which must never download a browser itself. Installed here when missing and apt-get can
+	# be used (as root); otherwise a warning, and that test fails saying how to install it.
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && apt-get install -y -q chromium; \
+	  else \
+	    echo "warning: chromium is missing and apt-get cannot be used here (needs root): install it" \
+	         "(apt-get install chromium) or tests/serving/test_arena_browser.py fails" >&2; \
+	  fi; }
 	touch $(STAMP)
 
 demo: install

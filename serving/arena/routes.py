@@ -264,8 +264,7 @@ def _chart(arena: Arena, board: dict) -> bytes:
         rows = [row for row in arena.leaderboard_cache["rows"] if is_finite_row(row)]
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "leaderboard.png"
-            plot_leaderboard(rows, path, title=f"Arena ratings ({len(rows)} contestants, {board['votes']} votes, "
-                                               "95% intervals)")
+            plot_leaderboard(rows, path, title="Arena ratings (95% intervals)")
             png = path.read_bytes()
         if arena.leaderboard_cache.get("board") is board:
             arena.leaderboard_cache["png"] = png

@@ -6,7 +6,6 @@ contestants), which also proves that the names revealed after the vote belong to
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import random
@@ -16,40 +15,10 @@ import sys
 
 import pytest
 
+from arena_server import MAX_TOKENS, SYSTEMS, arena_server, write_contestants
 from jvila.cli import main
 from jvila.eval.battles import parse_battles_text
-from live_server import CONTEXT, MODEL_NAME, NUM_PAGES, raw_request, reference_greedy, tiny_model, tiny_tokenizer
-from serving.api_server import ServerThread, create_app
-from serving.arena import ArenaOptions, mount_arena
-from serving.async_engine import AsyncEngine
-from serving.launch import EngineOptions, build_engine, make_scheduler_for
-
-MAX_TOKENS = 6
-SYSTEMS = {"alpha": "You are a helpful assistant.", "beta": None}
-
-
-@contextlib.contextmanager
-def arena_server(tokenizer, graphdef, state, database: str, contestants_file: str | None, **arena_options):
-    """The real engine, the OpenAI app and the Arena on 127.0.0.1 (a free port); stopped on exit."""
-    options = EngineOptions(num_pages=NUM_PAGES, page_size=16, max_running=4, token_budget=8, max_context=CONTEXT)
-    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for("fcfs"), options=options)
-    app = create_app(AsyncEngine(engine), tokenizer, model_name=MODEL_NAME, max_context=engine.max_context,
-                     vocab_size=engine.vocab_size)
-    arena = mount_arena(app, ArenaOptions(database=database, contestants_file=contestants_file,
-                                          max_tokens=MAX_TOKENS, bootstrap_rounds=20, **arena_options))
-    server = ServerThread(app).start()
-    try:
-        yield server, arena, engine
-    finally:
-        server.stop()
-        arena.store.close()
-
-
-def write_contestants(path) -> str:
-    entries = [{"name": name, "model": MODEL_NAME, "temperature": 0} | ({"system": system} if system else {})
-               for name, system in SYSTEMS.items()]
-    path.write_text(json.dumps(entries))
-    return str(path)
+from live_server import MODEL_NAME, raw_request, reference_greedy, tiny_model, tiny_tokenizer
 
 
 def stream_answers(server, battle_id: str) -> tuple[int, str]:

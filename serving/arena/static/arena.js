@@ -144,6 +144,6 @@ $("new-battle").addEventListener("click", () => {
 });
 
 fetch("/arena/api/info").then((r) => r.json()).then((info) => {
-  $("arena-info").textContent = `${info.contestants.length} contestants, ${info.votes} votes so far.`;
+  $("arena-info").textContent = `${info.contestants.length} contestants, ${info.votes} ${info.votes === 1 ? "vote" : "votes"} so far.`;
   $("prompt").maxLength = info.max_prompt_chars;
 });

@@ -7,7 +7,7 @@ fetch("/arena/api/leaderboard").then((r) => r.json()).then((board) => {
   const method = board.method === "bt" ? "Bradley-Terry" : "online Elo";
   document.getElementById("summary").textContent = board.votes === 0
     ? `No votes yet among ${board.contestants.length} contestants: go and battle!`
-    : `${board.votes} votes, ${board.rows.length} rated models; ${method} ratings with ` +
+    : `${board.votes} ${board.votes === 1 ? "vote" : "votes"}, ${board.rows.length} rated models; ${method} ratings with ` +
       `${board.bootstrap_rounds} bootstrap rounds.`;
   if (board.rows.length === 0) return;
   const body = document.querySelector("#leaderboard tbody");
