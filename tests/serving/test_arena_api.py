@@ -9,9 +9,11 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -191,3 +193,35 @@ def test_arena_refuses_a_bad_setup(tiny, tmp_path, capsys):
                           (["--arena-db", "x.db"], "apply to --arena")):
         assert main(["serve", "--model", str(tmp_path / "not-a-model"), *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_reader_hanging_up_leaves_the_battle_unanswered_and_frees_the_engine(tiny, tmp_path):
+    tokenizer, _, graphdef, state = tiny
+    with arena_server(tokenizer, graphdef, state, str(tmp_path / "arena.db"), write_contestants(tmp_path / "c.json"),
+                      max_tokens=40) as (server, arena, engine):
+        # A pause per engine step: the answers are still being generated when the reader goes away.
+        step = engine.step
+
+        def slow_step():
+            time.sleep(0.05)
+            return step()
+
+        engine.step = slow_step
+        status, created = raw_request(server, "POST", "/arena/api/battles", json.dumps({"prompt": "Hello!"}))
+        assert status == 201
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        conn.request("POST", f"/arena/api/battles/{created['battle_id']}/answers")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read(13) == b'data: {"side"'
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        deadline = time.monotonic() + 30
+        while engine.metrics()["running"] or engine.metrics()["waiting"]:
+            assert time.monotonic() < deadline, "the engine still runs the answers of a reader who left"
+            time.sleep(0.05)
+        battle = arena.store.get(created["battle_id"])
+        assert battle.answer_a is None or battle.answer_b is None
+        assert engine.metrics()["aborted"] >= 1  # stopped in the engine, not left to run to the end
+        status, body = raw_request(server, "POST", f"/arena/api/battles/{battle.id}/vote", '{"winner": "tie"}')
+        assert status == 409 and "before both answers" in body["error"]["message"]
+        assert arena.store.count() == (1, 0)
