@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -57,7 +58,7 @@ def _serve(args) -> int:
                                 token_budget=args.token_budget, max_context=args.max_context)
         app, _ = build_app(args.model, served_name=args.served_name, dtype=args.dtype,
                            scheduler=args.scheduler, rpm_limit=args.rpm_limit, api_keys=api_keys, options=options,
-                           arena=arena)
+                           arena=arena, lora=_lora_options(args))
     except ValueError as e:
         print(f"jvila: error: {e}", file=sys.stderr)
         return 2
@@ -65,6 +66,27 @@ def _serve(args) -> int:
         log.info("no --api-keys: every request is served, as one client")
     serve(app, host=args.host, port=args.port)
     return 0
+
+
+def _lora_options(args):
+    """LoraOptions from --lora NAME=PATH ..., --max-lora-rank, --lora-root; None when none is given."""
+    if not args.lora and args.lora_root is None:
+        return None
+    from serving.launch import LoraOptions
+
+    pairs = []
+    for item in args.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH, got {item!r}")
+        if name in dict(pairs):
+            raise ValueError(f"--lora names {name!r} twice")
+        pairs.append((name, path))
+    if args.max_lora_rank < 1:
+        raise ValueError(f"--max-lora-rank must be at least 1, got {args.max_lora_rank}")
+    if args.lora_root is not None and not os.path.isdir(args.lora_root):
+        raise ValueError(f"--lora-root {args.lora_root!r} is not a directory")
+    return LoraOptions(adapters=tuple(pairs), max_rank=args.max_lora_rank, root=args.lora_root)
 
 
 def _arena_options(args):
@@ -129,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-running", type=int, default=32, help="most requests decoding at once")
     srv.add_argument("--token-budget", type=int, default=256, help="most tokens in one engine step")
     srv.add_argument("--max-context", type=int, default=None, help="default: the model's, as far as the pool holds")
+    srv.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                     help="serve a PEFT LoRA adapter under NAME (repeat for several); requests name it as `model`")
+    srv.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
+    srv.add_argument("--lora-root", default=None, metavar="DIR",
+                     help="POST /v1/load_lora_adapter may load adapters from under DIR (off without it)")
     srv.add_argument("--arena", action="store_true",
                      help="also serve the Chatbot Arena pages at /arena (battles, votes, leaderboard)")
     srv.add_argument("--arena-db", default=None, metavar="URL_OR_PATH",

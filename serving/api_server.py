@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving import metrics as prometheus
+from serving.adapters.http_routes import adapter_names, install_lora_routes
 from serving.api_keys import ApiKeys, Client
 from serving.async_engine import AsyncEngine, EngineDeadError
 from serving.chat_prompt import MediaPromptBuilder, chat_prompt, completion_prompt
@@ -111,12 +112,14 @@ def create_app(engine: AsyncEngine, tokenizer, *, model_name: str, max_context: 
 
     @app.get("/v1/models")
     async def list_models(client: Client = fastapi.Depends(authenticate)):
-        return {"object": "list", "data": [_model_card(state)]}
+        cards = [_model_card(state)] + [_model_card(state, adapter) for adapter in adapter_names(state)]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, client: Client = fastapi.Depends(authenticate)):
-        _check_model(state, model_id)
-        return _model_card(state)
+        return _model_card(state, _check_model(state, model_id))
+
+    install_lora_routes(app, state, authenticate)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request,
@@ -263,8 +266,11 @@ async def _submit(state: ServerState, body, prompts, max_tokens: list[int], clie
             for k in range(body.n):
                 index = p * body.n + k
                 params = _sampling_params(body, limit, k)
-                request = Request(f"{base_id}-{index}", ids, params, client=client.name, arrival_time=time.monotonic(),
-                                  input_embeddings=embeddings, embedding_mask=mask)
+                adapter = _check_model(state, body.model)
+                # Without API keys each adapter is its own client, as in the VTC artifact.
+                who = adapter if adapter is not None and state.api_keys is None else client.name
+                request = Request(f"{base_id}-{index}", ids, params, client=who, arrival_time=time.monotonic(),
+                                  input_embeddings=embeddings, embedding_mask=mask, adapter=adapter)
                 stream = await state.engine.submit(request)
                 choices.append(Choice(index, stream, state.tokenizer, stop=body.stop_strings, prompt_index=p))
     except BaseException as e:
@@ -398,15 +404,23 @@ async def _stream_events(state, body, choices: list[Choice], response_id: str, p
 # ---- checks, errors, counting -------------------------------------------------------------------
 
 
-def _check_model(state: ServerState, model: str) -> None:
-    if model != state.model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
-                       param="model", code="model_not_found")
+def _check_model(state: ServerState, model: str) -> str | None:
+    """The LoRA adapter a request's `model` names (None: the base model); 404 for any other name."""
+    if model == state.model_name:
+        return None
+    if model in adapter_names(state):
+        return model
+    raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}"
+                   + (" and its LoRA adapters" if adapter_names(state) else ""),
+                   param="model", code="model_not_found")
 
 
-def _model_card(state: ServerState) -> dict:
-    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "jvila",
+def _model_card(state: ServerState, adapter: str | None = None) -> dict:
+    card = {"id": adapter or state.model_name, "object": "model", "created": state.created, "owned_by": "jvila",
             "max_model_len": state.max_context}
+    if adapter is not None:  # vLLM's card for an adapter: its base model as parent
+        card.update(root=adapter, parent=state.model_name)
+    return card
 
 
 def _install_error_handlers(app: fastapi.FastAPI) -> None:
@@ -431,7 +445,8 @@ def _install_error_handlers(app: fastapi.FastAPI) -> None:
         return JSONResponse(error_body(f"internal error: {exc!r}", type="server_error"), status_code=500)
 
 
-_COUNTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+_COUNTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
+                            "/v1/load_lora_adapter", "/v1/unload_lora_adapter"})
 
 
 class _CountRequests:

@@ -9,6 +9,8 @@ import dataclasses
 import logging
 import time
 
+from flax import nnx
+
 from serving.api_keys import ApiKeys
 from serving.api_server import create_app
 from serving.async_engine import AsyncEngine
@@ -34,21 +36,44 @@ def make_scheduler_for(name: str, *, api_keys: ApiKeys | None = None, rpm_limit:
     return make_scheduler(name, weights=weights, rpm_limit=rpm_limit if name == "rpm" else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraOptions:
+    """Multi-LoRA serving: adapters to preload (name -> PEFT dir), the largest rank, the root of runtime loads."""
+
+    adapters: tuple[tuple[str, str], ...] = ()
+    max_rank: int = 64
+    root: str | None = None  # POST /v1/load_lora_adapter reads only under it; None = runtime loading off
+
+
+def build_adapter_store(config, lora: LoraOptions):
+    """The adapter store with every preloaded adapter read and checked (AdapterError names the bad one)."""
+    from serving.adapters.store import AdapterError, AdapterStore, read_peft
+
+    store = AdapterStore(config, max_rank=lora.max_rank, root=lora.root, reader=read_peft)
+    for name, path in lora.adapters:
+        try:
+            store.add(name, store.read(path, check_root=False))  # the operator's own paths: no root needed
+        except AdapterError as e:
+            raise AdapterError(f"--lora {name}={path}: {e}") from None
+    return store
+
+
 def build_engine(graphdef, state, tokenizer, *, scheduler, options: EngineOptions = EngineOptions(),
-                 attention=None) -> Engine:
+                 attention=None, adapters=None) -> Engine:
     return Engine(graphdef, state, eos_ids=tokenizer.eos_ids, num_pages=options.num_pages,
                   page_size=options.page_size, max_running=options.max_running, token_budget=options.token_budget,
                   max_context=options.max_context, scheduler=scheduler, attention=attention,
                   cache_dtype=options.cache_dtype,
-                  detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+                  detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), adapters=adapters)
 
 
 def build_app(model_name_or_dir: str, *, served_name: str | None = None, dtype: str = "float32",
               scheduler: str = "vtc", rpm_limit: int | None = None, api_keys: ApiKeys | None = None,
-              options: EngineOptions = EngineOptions(), arena=None):
+              options: EngineOptions = EngineOptions(), arena=None, lora: LoraOptions | None = None):
     """(app, engine) for a known model name, a jvila checkpoint, a GGUF file, an HF or an NVILA directory.
 
     `arena` (serving.arena.ArenaOptions) adds the Arena's pages and routes on the same engine.
+    With `lora`, requests may name LoRA adapters (preloaded, or loaded at run time under its root).
     """
     import jvila
 
@@ -57,7 +82,13 @@ def build_app(model_name_or_dir: str, *, served_name: str | None = None, dtype: 
     tokenizer = model.tokenizer
     graphdef, state = model.decoder
     policy = make_scheduler_for(scheduler, api_keys=api_keys, rpm_limit=rpm_limit)
-    engine = build_engine(graphdef, state, tokenizer, scheduler=policy, options=options)
+    adapters = None
+    if lora is not None:
+        # The decoder's config (NVILA's language model too): adapters apply to the LLM.
+        adapters = build_adapter_store(nnx.merge(graphdef, state).config, lora)
+        log.info("LoRA: %d adapter(s) preloaded, max rank %d, runtime loading %s", len(adapters), lora.max_rank,
+                 f"under {lora.root}" if lora.root else "off (no --lora-root)")
+    engine = build_engine(graphdef, state, tokenizer, scheduler=policy, options=options, adapters=adapters)
     log.info("loaded %s in %.1fs: context %d tokens, %d pages of %d, scheduler %s", model_name_or_dir,
              time.perf_counter() - start, engine.max_context, options.num_pages, options.page_size, scheduler)
     # The media seam: NVILA splices images into the prompt as input embeddings; a text-only

@@ -88,10 +88,10 @@ class AdapterStore:
             raise AdapterError(f"LoRA adapter path {path!r} is not a directory")
         try:
             adapter = self._reader(resolved, self.base_config)
-        except (OSError, KeyError) as e:  # missing or unreadable files
+        except (OSError, KeyError) as e:  # unreadable files
             raise AdapterError(f"cannot read the LoRA adapter at {path!r}: {e}") from None
-        except ValueError as e:
-            raise AdapterError(f"the LoRA adapter at {path!r} does not fit this model: {e}") from None
+        except ValueError as e:  # the reader's own refusals: missing files, shapes that do not fit, ...
+            raise AdapterError(f"cannot serve the LoRA adapter at {path!r}: {e}") from None
         return dataclasses.replace(self.check(adapter), path=resolved)
 
     def resolve(self, path: str) -> str:
@@ -177,6 +177,6 @@ def stored_adapter(adapter, num_layers: int, path: str | None = None) -> StoredA
 
 def read_peft(path: str, base_config) -> StoredAdapter:
     """The store's reader for PEFT directories (adapter_config.json + adapter_model.safetensors)."""
-    from jvila.models.lora import load_peft
+    from jvila.checkpoints.peft_adapter import load_peft
 
     return stored_adapter(load_peft(path, base_config), base_config.num_layers, path)
