@@ -6,8 +6,8 @@ API (JSON; errors in the server's OpenAI error shape):
   POST /arena/api/battles/{id}/answers          → SSE: {"side": "a"|"b", "text"} ..., {"side", "done"}, {"done"}
   POST /arena/api/battles/{id}/vote {"winner"}  → {"winner", "model_a", "model_b"}: the names, after the vote
   GET  /arena/api/battles/{id}                  → the battle (names only once voted)
-  GET  /arena/api/leaderboard                   → ratings with 95% intervals from the stored votes
-  GET  /arena/leaderboard.png                   → the ratings chart
+  GET  /arena/api/leaderboard?method=bt|elo&style_control=false → ratings with 95% intervals from the votes
+  GET  /arena/leaderboard.png?(same)            → the ratings chart
   GET  /arena/battles.jsonl                     → every voted battle, as `jvila eval arena` reads them
 """
 
@@ -17,10 +17,7 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import random
-import tempfile
-import threading
 from pathlib import Path
 
 import fastapi
@@ -38,6 +35,7 @@ from serving.api_server import chat_completion, served_model_names
 from serving.arena.answers import merged_battle_stream
 from serving.arena.contestants import Contestant, contestants_for, draw_pair
 from serving.arena.export import battle_record
+from serving.arena.ratings import Ratings, check_view
 from serving.arena.store import ArenaError, ArenaStore, StoredBattle
 from serving.chat_prompt import chat_prompt
 from serving.openai_protocol import APIError, ChatCompletionRequest, ChatMessage
@@ -55,8 +53,7 @@ class ArenaOptions:
     contestants_file: str | None = None  # None: every served model is a contestant
     max_prompt_chars: int = 8000
     max_tokens: int = 512  # most tokens in one answer (less when the context leaves less)
-    leaderboard_method: str = "bt"
-    bootstrap_rounds: int = 100
+    bootstrap_rounds: int = 100  # of the leaderboard's intervals
     seed: int | None = None  # of the pair draws; None: a fresh one
 
 
@@ -73,27 +70,38 @@ class Arena:
     """The Arena's state on a running app (app.state.arena)."""
 
     store: ArenaStore
-    contestants: dict[str, Contestant]
+    ratings: Ratings
+    server: object  # the app's ServerState
     options: ArenaOptions
     rng: random.Random
-    leaderboard_cache: dict = dataclasses.field(default_factory=dict)
-    leaderboard_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    fixed_contestants: dict[str, Contestant] | None  # from the contestants file; None: the served models
+
+    def contestants(self) -> dict[str, Contestant]:
+        """The contestants now: the file's, or every model served at this moment (adapters come and go)."""
+        if self.fixed_contestants is not None:
+            return self.fixed_contestants
+        try:
+            return {c.name: c for c in contestants_for(served_model_names(self.server))}
+        except ValueError as e:
+            raise APIError(503, str(e), type="server_error", code="too_few_contestants") from None
 
 
 def mount_arena(app: fastapi.FastAPI, options: ArenaOptions) -> Arena:
     """Add the Arena to an app made by create_app; ValueError (before serving anything) on a bad setup."""
     server = app.state.server
     contestants = contestants_for(served_model_names(server), options.contestants_file)
-    if options.max_prompt_chars < 1 or options.max_tokens < 1:
-        raise ValueError("the Arena's prompt and answer limits must be at least 1")
+    if options.max_prompt_chars < 1 or options.max_tokens < 1 or options.bootstrap_rounds < 0:
+        raise ValueError("the Arena's prompt and answer limits must be at least 1, its bootstrap rounds at least 0")
     store = ArenaStore(options.database)
-    arena = Arena(store, {c.name: c for c in contestants}, options, random.Random(options.seed))
+    fixed = {c.name: c for c in contestants} if options.contestants_file else None
+    arena = Arena(store, Ratings(store, bootstrap_rounds=options.bootstrap_rounds), server, options,
+                  random.Random(options.seed), fixed)
     app.state.arena = arena
     app.include_router(_router(arena, server))
     app.mount("/arena/static", StaticFiles(directory=STATIC_DIR), name="arena-static")
     battles, votes = store.count()
     log.info("arena: %d contestants (%s), %d battles and %d votes in %s", len(contestants),
-             ", ".join(arena.contestants), battles, votes, options.database)
+             ", ".join(c.name for c in contestants), battles, votes, options.database)
     return arena
 
 
@@ -112,7 +120,7 @@ def _router(arena: Arena, server) -> fastapi.APIRouter:
     @router.get("/arena/api/info")
     def info():
         battles, votes = arena.store.count()
-        return {"contestants": sorted(arena.contestants), "battles": battles, "votes": votes,
+        return {"contestants": sorted(arena.contestants()), "battles": battles, "votes": votes,
                 "max_prompt_chars": options.max_prompt_chars}
 
     @router.post("/arena/api/battles", status_code=201)
@@ -123,7 +131,7 @@ def _router(arena: Arena, server) -> fastapi.APIRouter:
         if len(prompt) > options.max_prompt_chars:
             raise APIError(413, f"the prompt has {len(prompt)} characters; the Arena takes at most "
                                 f"{options.max_prompt_chars}", param="prompt", code="prompt_too_long")
-        a, b = draw_pair(list(arena.contestants.values()), arena.rng)
+        a, b = draw_pair(list(arena.contestants().values()), arena.rng)
         for side in (a, b):  # refused now, before a battle is stored, if either side has no room to answer
             _answer_limit(server, side, prompt, options.max_tokens)
         battle = arena.store.create_battle(prompt, a.name, b.name)
@@ -138,8 +146,9 @@ def _router(arena: Arena, server) -> fastapi.APIRouter:
         battle = await asyncio.to_thread(_call, arena.store.start, battle_id)
         sides = {}
         try:
+            contestants = arena.contestants()
             for side, name in (("a", battle.contestant_a), ("b", battle.contestant_b)):
-                contestant = arena.contestants.get(name)
+                contestant = contestants.get(name)
                 if contestant is None:
                     raise APIError(409, f"battle {battle_id!r} names the contestant {name!r}, which is no longer in "
                                         "the Arena")
@@ -166,15 +175,17 @@ def _router(arena: Arena, server) -> fastapi.APIRouter:
         return _public(battle)
 
     @router.get("/arena/api/leaderboard")
-    async def leaderboard():
-        return await asyncio.to_thread(_leaderboard, arena)
+    async def leaderboard(method: str = "bt", style_control: bool = False):
+        _view(method, style_control)
+        board = await asyncio.to_thread(arena.ratings.board, method, style_control)
+        return board | {"contestants": sorted(arena.contestants())}
 
     @router.get("/arena/leaderboard.png", include_in_schema=False)
-    async def leaderboard_chart():
-        board = await asyncio.to_thread(_leaderboard, arena)
-        if not board["rows"]:
-            raise APIError(404, "no votes yet: there is no chart")
-        png = await asyncio.to_thread(_chart, arena, board)
+    async def leaderboard_chart(method: str = "bt", style_control: bool = False):
+        _view(method, style_control)
+        png = await asyncio.to_thread(arena.ratings.chart, method, style_control)
+        if png is None:
+            raise APIError(404, "no votes yet (or no finite rating): there is no chart")
         return Response(png, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     @router.get("/arena/battles.jsonl", include_in_schema=False)
@@ -183,6 +194,13 @@ def _router(arena: Arena, server) -> fastapi.APIRouter:
         return PlainTextResponse("".join(line + "\n" for line in lines), media_type="application/x-ndjson")
 
     return router
+
+
+def _view(method: str, style_control: bool) -> None:
+    try:
+        check_view(method, style_control)
+    except ValueError as e:
+        raise APIError(400, str(e), param="method") from None
 
 
 def _call(method, *args):
@@ -224,49 +242,4 @@ def _completion_request(contestant: Contestant, prompt: str, max_tokens: int) ->
     return ChatCompletionRequest(model=contestant.model, messages=_messages(contestant, prompt),
                                  temperature=contestant.temperature, max_tokens=max_tokens, stream=True,
                                  stream_options={"include_usage": True})
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _leaderboard(arena: Arena) -> dict:
-    """Ratings from every stored vote, recomputed only when the votes have changed."""
-    from jvila.eval.battles import parse_battle
-    from jvila.eval.leaderboard import leaderboard
-
-    battles = arena.store.voted_battles()
-    key = (len(battles), battles[-1].id if battles else None)
-    with arena.leaderboard_lock:
-        if arena.leaderboard_cache.get("key") == key:
-            return arena.leaderboard_cache["board"]
-        rows = []
-        if battles:
-            records = [parse_battle(battle_record(b)) for b in battles]
-            rows = leaderboard(records, method=arena.options.leaderboard_method,
-                               bootstrap_rounds=arena.options.bootstrap_rounds, seed=0)
-        board = {"method": arena.options.leaderboard_method, "bootstrap_rounds": arena.options.bootstrap_rounds,
-                 "votes": len(battles), "contestants": sorted(arena.contestants),
-                 "rows": [{"rank": r.rank, "model": r.model, "rating": _finite(r.rating), "lower": _finite(r.lower),
-                           "upper": _finite(r.upper), "num_battles": r.num_battles} for r in rows]}
-        arena.leaderboard_cache.update(key=key, board=board, rows=rows, png=None)
-        return board
-
-
-def _chart(arena: Arena, board: dict) -> bytes:
-    from jvila.eval.plots import plot_leaderboard
-
-    with arena.leaderboard_lock:
-        if arena.leaderboard_cache.get("board") is board and arena.leaderboard_cache.get("png"):
-            return arena.leaderboard_cache["png"]
-        from jvila.eval.leaderboard import is_finite_row
-
-        rows = [row for row in arena.leaderboard_cache["rows"] if is_finite_row(row)]
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "leaderboard.png"
-            plot_leaderboard(rows, path, title="Arena ratings (95% intervals)")
-            png = path.read_bytes()
-        if arena.leaderboard_cache.get("board") is board:
-            arena.leaderboard_cache["png"] = png
-        return png
 

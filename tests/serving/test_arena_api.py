@@ -142,37 +142,52 @@ def test_battle_streams_anonymous_answers_then_takes_one_vote_and_survives_a_res
     assert "alpha" in done.stdout and "beta" in done.stdout
 
 
-def test_leaderboard_and_chart_follow_the_votes(tiny, tmp_path):
-    """Votes stored straight into the database are rated as jvila.eval.leaderboard rates the exported battles."""
+def _styled_answer(rng: random.Random) -> str:
+    lines = [f"{'#' * rng.randint(1, 3)} Title"] * rng.randint(0, 2) + ["- item"] * rng.randint(0, 3)
+    return "\n".join(lines + ["**bold** text"] * rng.randint(0, 2) + ["plain words"])
+
+
+def test_leaderboard_views_and_chart_follow_the_votes(tiny, tmp_path):
+    """Votes stored straight into the database are rated as jvila.eval.leaderboard rates the exported battles,
+    in each of the three views (Bradley-Terry, with style control, online Elo)."""
     from jvila.eval.leaderboard import leaderboard
 
     tokenizer, _, graphdef, state = tiny
-    database = str(tmp_path / "arena.db")
     rng = random.Random()
-    with arena_server(tokenizer, graphdef, state, database, write_contestants(tmp_path / "c.json")) as (
-            server, arena, _):
+    with arena_server(tokenizer, graphdef, state, str(tmp_path / "arena.db"), write_contestants(tmp_path / "c.json")) \
+            as (server, arena, _):
         status, board = raw_request(server, "GET", "/arena/api/leaderboard")
         assert status == 200 and board["votes"] == 0 and board["rows"] == []
         assert raw_request(server, "GET", "/arena/leaderboard.png")[0] == 404
-        for _ in range(12):
+        for _ in range(16):
             a, b = rng.sample(sorted(SYSTEMS), 2)
             battle = arena.store.create_battle("q", a, b)
-            arena.store.save_answer(battle.id, "a", "x", 1)
-            arena.store.save_answer(battle.id, "b", "y", 1)
+            arena.store.save_answer(battle.id, "a", _styled_answer(rng), rng.randint(1, 200))
+            arena.store.save_answer(battle.id, "b", _styled_answer(rng), rng.randint(1, 200))
             arena.store.vote(battle.id, rng.choice(["model_a", "model_b", "tie", "tie (bothbad)"]))
-        status, board = raw_request(server, "GET", "/arena/api/leaderboard")
+        boards = {query: raw_request(server, "GET", f"/arena/api/leaderboard?{query}")
+                  for query in ("method=bt", "method=bt&style_control=true", "method=elo")}
+        for query, message in (("method=glicko", "'bt' or 'elo'"), ("method=elo&style_control=true", "Bradley-Terry")):
+            status, body = raw_request(server, "GET", f"/arena/api/leaderboard?{query}")
+            assert status == 400 and message in body["error"]["message"]
         conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
         conn.request("GET", "/arena/battles.jsonl")
         battles = parse_battles_text(conn.getresponse().read().decode())
-        conn.request("GET", "/arena/leaderboard.png")
+        conn.request("GET", "/arena/leaderboard.png?method=bt&style_control=true")
         chart = conn.getresponse()
         png = chart.read()
         conn.close()
-    expected = leaderboard(battles, method="bt", bootstrap_rounds=20, seed=0)
-    assert board["votes"] == 12
-    assert [(r["model"], r["rank"], r["num_battles"]) for r in board["rows"]] == [
-        (r.model, r.rank, r.num_battles) for r in expected]
-    assert [r["rating"] for r in board["rows"]] == pytest.approx([r.rating for r in expected], rel=1e-12)
+    assert len(battles) == 16
+    for query, kwargs in (("method=bt", {"method": "bt"}), ("method=bt&style_control=true",
+                                                          {"method": "bt", "style_control": True}),
+                          ("method=elo", {"method": "elo"})):
+        status, board = boards[query]
+        expected = leaderboard(battles, bootstrap_rounds=20, seed=0, **kwargs)
+        assert status == 200 and board["votes"] == 16 and board["unavailable"] is None
+        assert [(r["model"], r["rank"], r["num_battles"]) for r in board["rows"]] == [
+            (r.model, r.rank, r.num_battles) for r in expected]
+        for key in ("rating", "lower", "upper"):
+            assert [r[key] for r in board["rows"]] == pytest.approx([getattr(r, key) for r in expected], rel=1e-12)
     assert chart.getheader("Content-Type") == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
 
 

@@ -104,8 +104,15 @@ def test_a_person_battles_votes_and_finds_the_leaderboard(tmp_path):
         rows = page.eval_on_selector_all("#leaderboard tbody tr",
                                          "rows => rows.map(r => Array.from(r.cells, c => c.textContent))")
         assert sorted(row[1] for row in rows) == sorted(SYSTEMS) and all(row[4] == "1" for row in rows)
-        assert page.text_content("#summary").startswith("1 vote, 2 rated models")
+        assert page.text_content("#summary").startswith("1 vote, 2 rated models; Bradley-Terry")
         page.screenshot(path=str(shots / "leaderboard.png"), full_page=True)
+        # Other views of the same votes: online Elo; style control needs answers that differ in style first.
+        page.select_option("#view", "elo")
+        page.wait_for_function("document.getElementById('summary').textContent.includes('online Elo')")
+        assert page.eval_on_selector_all("#leaderboard tbody tr", "rows => rows.length") == 2
+        page.select_option("#view", "bt-style")
+        page.wait_for_function("document.getElementById('summary').textContent.includes('not available yet')")
+        assert page.is_hidden("#leaderboard")
         browser.close()
 
     # The vote, as any SQLite client finds it.

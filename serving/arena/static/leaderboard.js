@@ -1,30 +1,56 @@
 // The leaderboard page: ratings and 95% intervals computed by the server from the stored votes.
 "use strict";
 
+const VIEWS = {
+  "bt": "method=bt", "bt-style": "method=bt&style_control=true", "elo": "method=elo",
+};
 const fmt = (x) => (x === null ? "–" : x.toFixed(1));
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 
-fetch("/arena/api/leaderboard").then((r) => r.json()).then((board) => {
-  const method = board.method === "bt" ? "Bradley-Terry" : "online Elo";
-  document.getElementById("summary").textContent = board.votes === 0
-    ? `No votes yet among ${board.contestants.length} contestants: go and battle!`
-    : `${board.votes} ${board.votes === 1 ? "vote" : "votes"}, ${board.rows.length} rated models; ${method} ratings with ` +
-      `${board.bootstrap_rounds} bootstrap rounds.`;
-  if (board.rows.length === 0) return;
-  const body = document.querySelector("#leaderboard tbody");
+function cell(text, cls) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  if (cls) td.className = cls;
+  return td;
+}
+
+async function show(view) {
+  const query = VIEWS[view] || VIEWS.bt;
+  const board = await (await fetch("/arena/api/leaderboard?" + query)).json();
+  const summary = document.getElementById("summary");
+  const table = document.getElementById("leaderboard");
+  const figure = document.getElementById("chart-figure");
+  const body = table.querySelector("tbody");
+  body.replaceChildren();
+  table.hidden = figure.hidden = true;
+  if (board.votes === 0) {
+    summary.textContent = `No votes yet among ${plural(board.contestants.length, "contestant")}: go and battle!`;
+    return;
+  }
+  if (board.unavailable) {
+    summary.textContent = `${plural(board.votes, "vote")}; ${board.view} ratings are not available yet: ` +
+      board.unavailable + ".";
+    return;
+  }
+  summary.textContent = `${plural(board.votes, "vote")}, ${plural(board.rows.length, "rated model")}; ` +
+    `${board.view} ratings with ${board.bootstrap_rounds} bootstrap rounds.`;
   for (const row of board.rows) {
     const tr = document.createElement("tr");
     const interval = row.rating === null || row.lower === null || row.upper === null ? "–"
       : `+${(row.upper - row.rating).toFixed(1)} / -${(row.rating - row.lower).toFixed(1)}`;
-    for (const [text, cls] of [[String(row.rank), "number"], [row.model, ""], [fmt(row.rating), "number"],
-                               [interval, "number"], [String(row.num_battles), "number"]]) {
-      const td = document.createElement("td");
-      td.textContent = text;
-      if (cls) td.className = cls;
-      tr.appendChild(td);
-    }
+    tr.append(cell(String(row.rank), "number"), cell(row.model), cell(fmt(row.rating), "number"),
+              cell(interval, "number"), cell(String(row.num_battles), "number"));
     body.appendChild(tr);
   }
-  document.getElementById("leaderboard").hidden = false;
-  document.getElementById("chart").src = "/arena/leaderboard.png?votes=" + board.votes;
-  document.getElementById("chart-figure").hidden = false;
+  table.hidden = false;
+  document.getElementById("chart").src = `/arena/leaderboard.png?${query}&votes=${board.votes}`;
+  figure.hidden = false;
+}
+
+const select = document.getElementById("view");
+select.value = new URLSearchParams(location.search).get("view") || "bt";
+select.addEventListener("change", () => {
+  history.replaceState(null, "", "?view=" + select.value);
+  show(select.value);
 });
+show(select.value);
