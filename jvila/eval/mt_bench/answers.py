@@ -84,14 +84,15 @@ def generate_answers(chat: Chat, questions: list[Question], *, output_dir: str |
     log.info("%s: %d of %d questions already answered, %d to ask", path, len(questions) - len(todo),
              len(questions), len(todo))
     lock = threading.Lock()
+    finished = [0]
 
     def answer_and_write(question: Question) -> None:
         record = answer_question(chat, question, model_id=model_id, max_tokens=max_tokens, num_choices=num_choices,
                                  force_temperature=force_temperature, system=system)
         with lock:
             append_record(path, record)
-            done[question.question_id] = record
-            log.info("answered question %d (%d/%d)", question.question_id, len(done), len(done) + len(todo) - 1)
+            finished[0] += 1
+            log.info("answered question %d (%d/%d)", question.question_id, finished[0], len(todo))
 
     run_all(answer_and_write, todo, parallel)
     if todo or path.exists():

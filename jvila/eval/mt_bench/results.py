@@ -26,7 +26,7 @@ class ScoreRow:
     model: str
     turn_1: float | None
     turn_2: float | None
-    score: float  # the mean over every kept judgment of both turns
+    score: float | None  # the mean over every kept judgment of both turns; None when none was kept
     judged: int  # judgments kept
     failed: int  # judgments dropped: the judge gave no rating
 
@@ -99,7 +99,7 @@ def single_tables(judgments: list[SingleJudgment], questions: list[Question],
     rows = [ScoreRow(m, _mean(by_turn[m][1]), _mean(by_turn[m][2]), _mean(s), len(s), failed[m])
             for m, s in scores.items()]
     # A model whose every judgment failed still gets a row (no score), so that the failure is visible.
-    rows += [ScoreRow(m, None, None, float("nan"), 0, n) for m, n in failed.items() if m not in scores]
+    rows += [ScoreRow(m, None, None, None, 0, n) for m, n in failed.items() if m not in scores]
     rows.sort(key=lambda r: (-r.score if r.judged else float("inf"), r.model))
     seen = {c for cats in by_category.values() for c in cats}
     return Tables("single", rows, {m: {c: _mean(v) for c, v in cats.items()} for m, cats in by_category.items()},
@@ -152,7 +152,7 @@ def pairwise_tables(judgments: list[PairJudgment], questions: list[Question], *,
 
 
 def _cell(value, digits: int) -> str:
-    if value is None or value != value:  # None or NaN: no data
+    if value is None:  # no data
         return "-"
     if isinstance(value, int):
         return str(value)
