@@ -24,10 +24,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.flash_attention import flash_attention_with_lse, merge_attention_partials
 
 LAYOUTS = ("contiguous", "zigzag")
+ATTENTION_OUT, ATTENTION_LSE = "attention_out", "attention_lse"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +99,9 @@ def _ring_forward(q, k, v, q_seg, kv_seg, cfg):
 
 def _ring_fwd(q, k, v, q_seg, kv_seg, cfg):
     out, lse = _ring_forward(q, k, v, q_seg, kv_seg, cfg)
+    # Named so that a remat policy can keep them (sharding.remat, LightSeq): the backward needs
+    # only these and q, k, v, so a rematerialised layer never repeats the ring's forward.
+    out, lse = checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
     return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
