@@ -28,6 +28,14 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("kv_heads", ("tensor",)),
     ("head_dim", None),
     ("norm", None),
+    # LoRA adapters (jvila.models.lora): the matrix on the side of a projection that tensor
+    # parallelism splits takes the base weight's name ("q_heads", "kv_heads", "mlp") and splits
+    # with it; the adapter index, the rank and the hidden-size side stay whole, so A of a
+    # column-parallel projection and B of a row-parallel one are replicated (S-LoRA's layout: the
+    # base layer's own all-reduce also sums the adapter's partial products).
+    ("lora_adapters", None),
+    ("lora_rank", None),
+    ("lora_embed", None),
 )
 
 

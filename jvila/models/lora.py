@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jvila.checkpoints.errors import CheckpointError
 from jvila.config import LLMConfig
 from pallas_kernels.lora import bgmv, sgmv
+from sharding.rules import DEFAULT_RULES, logical_to_spec
 
 # The decoder's projections an adapter may target, by their Hugging Face names.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -231,6 +233,52 @@ def set_slot(weights: LoraWeights, slot: int, adapter: Adapter) -> LoraWeights:
             entry[module] = ModuleLora(m.a.at[slot].set(a), m.b.at[slot].set(b))
         layers.append(entry)
     return LoraWeights(tuple(layers), weights.scales.at[slot].set(adapter.config.scale))
+
+
+# ----------------------------------------------------------------------------- tensor parallelism
+
+
+def module_axes(cfg: LLMConfig, module: str):
+    """Logical names of (a [n, in, r], b [n, r, out]) and, per axis, the size that decides whether it can split.
+
+    A head-folded dimension splits only as its base weight does, i.e. when the head count divides.
+    """
+    heads = {"q_proj": ("q_heads", cfg.num_heads), "k_proj": ("kv_heads", cfg.num_kv_heads),
+             "v_proj": ("kv_heads", cfg.num_kv_heads), "gate_proj": ("mlp", cfg.intermediate_size),
+             "up_proj": ("mlp", cfg.intermediate_size)}
+    if module in heads:  # column-parallel: B splits on out, A is replicated
+        name, size = heads[module]
+        return (("lora_adapters", "lora_embed", "lora_rank"), ("lora_adapters", "lora_rank", name)), (None, size)
+    if module == "o_proj":  # row-parallel: A splits on in, B is replicated
+        return (("lora_adapters", "q_heads", "lora_rank"), ("lora_adapters", "lora_rank", "lora_embed")), \
+            (cfg.num_heads, None)
+    if module == "down_proj":
+        return (("lora_adapters", "mlp", "lora_rank"), ("lora_adapters", "lora_rank", "lora_embed")), \
+            (cfg.intermediate_size, None)
+    raise AdapterError(f"unknown LoRA target module {module!r}; supported: {list(TARGET_MODULES)}")
+
+
+def partition_specs(weights: LoraWeights, cfg: LLMConfig, mesh, rules=None) -> LoraWeights:
+    """A LoraWeights of PartitionSpecs: each A/B split as the rule table says (see sharding/rules.py)."""
+    rules = DEFAULT_RULES if rules is None else rules
+    layers = []
+    for layer in weights.layers:
+        entry = {}
+        for module, m in layer.items():
+            (a_names, b_names), (a_split, b_split) = module_axes(cfg, module)
+            # The split side is checked against the base weight's size (heads, not heads * head_dim).
+            a_shape = (m.a.shape[0], a_split or m.a.shape[1], m.a.shape[2])
+            b_shape = (m.b.shape[0], m.b.shape[1], b_split or m.b.shape[2])
+            entry[module] = ModuleLora(logical_to_spec(a_names, a_shape, mesh, rules),
+                                       logical_to_spec(b_names, b_shape, mesh, rules))
+        layers.append(entry)
+    return LoraWeights(tuple(layers), PartitionSpec())
+
+
+def shard_lora(weights: LoraWeights, cfg: LLMConfig, mesh, rules=None) -> LoraWeights:
+    """Place stacked adapters on `mesh` to follow the base weights' split (`partition_specs`)."""
+    specs = partition_specs(weights, cfg, mesh, rules)
+    return jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), weights, specs)
 
 
 # ----------------------------------------------------------------------------- applying in the model

@@ -9,11 +9,10 @@ from flax import nnx
 from jvila.config import LLMConfig
 from jvila.models import functional
 from jvila.models.attention import dense_attention
-from jvila.models.kv_cache import contiguous_cache
 from jvila.models.llm import LLM
 from jvila.models.lora import TARGET_MODULES, AdapterError, merge, stack_adapters, unmerge
 
-from lora_fixtures import random_adapter
+from lora_fixtures import greedy_packed, random_adapter
 
 # Sizes that divide nothing in particular; q/k/v biases and an o bias so the adapters sit beside them.
 CFG = LLMConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -39,31 +38,7 @@ def setup():
 
 
 def greedy(graphdef, state, prompts, lora=None, row_adapters=None):
-    """Greedy decode of every prompt at once through extend_packed: packed prefill, then decode steps."""
-    rows = len(prompts)
-    cache = contiguous_cache(CFG, rows, max(map(len, prompts)) + NEW_TOKENS, page_size=8)
-    tokens = np.zeros(PAD_TOKENS, np.int32)
-    flat = np.concatenate(prompts)
-    tokens[: len(flat)] = flat
-    cu = np.concatenate([[0], np.cumsum([len(p) for p in prompts])]).astype(np.int32)
-    kwargs = {}
-    if lora is not None:
-        # Padding tokens carry an arbitrary index: they must not matter.
-        per_token = np.full(PAD_TOKENS, -1, np.int32)
-        per_token[: len(flat)] = np.repeat(row_adapters, [len(p) for p in prompts])
-        kwargs = dict(lora=lora, token_adapters=jnp.asarray(per_token))
-    logits, cache = extend_packed(graphdef, state, jnp.asarray(tokens), jnp.asarray(cu), cache,
-                                  attention=dense_attention, **kwargs)
-    out, all_logits = [], [logits]
-    step_cu = jnp.arange(rows + 1, dtype=jnp.int32)
-    for _ in range(NEW_TOKENS):
-        nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        out.append(np.asarray(nxt))
-        if lora is not None:
-            kwargs["token_adapters"] = jnp.asarray(row_adapters, jnp.int32)  # T == rows: the bgmv path
-        logits, cache = extend_packed(graphdef, state, nxt, step_cu, cache, attention=dense_attention, **kwargs)
-        all_logits.append(logits)
-    return np.stack(out, axis=1), np.stack([np.asarray(x) for x in all_logits], axis=1)
+    return greedy_packed(extend_packed, graphdef, state, CFG, prompts, NEW_TOKENS, PAD_TOKENS, lora, row_adapters)
 
 
 def test_eight_adapters_in_one_batch_match_merged_models(setup):
