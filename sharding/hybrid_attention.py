@@ -8,7 +8,8 @@ steps cross the slow one (`sharding.mesh` keeps the a2a axis inside a node).
 
 With the zigzag layout the batch is permuted for the ring's size alone: ring shard i is chunks
 i and 2n_ring-1-i of the sequence, and the a2a pieces are slices of that shard, so the gathered
-shard is in exactly the order the ring expects.
+shard is in exactly the order the ring expects. Layout "lightseq" keeps contiguous shards and
+runs LightSeq's balanced schedule as the ring stage (`sharding.lightseq_attention`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,23 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
+from sharding.lightseq_attention import lightseq_attention
 from sharding.mesh import A2A_AXIS, RING_AXIS
 from sharding.ring_attention import ring_attention
 from sharding.ulysses_attention import ulysses_attention
+
+
+def ring_stage(q, k, v, *, axis_name, causal, segment_ids, layout, sm_scale=None, implementation=None):
+    """(out, lse) over the ring axis: LightSeq's schedule for layout "lightseq" with a causal mask
+    (contiguous shards; without a mask there is no imbalance to fix, so the plain ring), else the
+    ring in the given layout."""
+    if layout == "lightseq":
+        if causal:
+            return lightseq_attention(q, k, v, axis_name=axis_name, segment_ids=segment_ids, sm_scale=sm_scale,
+                                      implementation=implementation)
+        layout = "contiguous"
+    return ring_attention(q, k, v, axis_name=axis_name, causal=causal, segment_ids=segment_ids, layout=layout,
+                          sm_scale=sm_scale, implementation=implementation)
 
 
 def hybrid_attention(q, k, v, *, ring_axis, a2a_axis, causal=True, segment_ids=None, layout="contiguous",
@@ -26,8 +41,8 @@ def hybrid_attention(q, k, v, *, ring_axis, a2a_axis, causal=True, segment_ids=N
     """Attention output of this device's sequence piece; call inside `jax.shard_map`."""
 
     def ring(q, k, v, segment_ids):
-        return ring_attention(q, k, v, axis_name=ring_axis, causal=causal, segment_ids=segment_ids, layout=layout,
-                              sm_scale=sm_scale, implementation=implementation)
+        return ring_stage(q, k, v, axis_name=ring_axis, causal=causal, segment_ids=segment_ids, layout=layout,
+                          sm_scale=sm_scale, implementation=implementation)
 
     return ulysses_attention(q, k, v, axis_name=a2a_axis, causal=causal, segment_ids=segment_ids,
                              sm_scale=sm_scale, implementation=implementation, inner=ring)
@@ -59,8 +74,8 @@ def sequence_parallel_attention(q, k, v, segment_ids, *, mesh, rows, heads, caus
 
     def attend(q, k, v, seg):
         if a2a_size == 1:
-            return ring_attention(q, k, v, axis_name=RING_AXIS, causal=causal, segment_ids=seg, layout=layout,
-                                  implementation=implementation)[0]
+            return ring_stage(q, k, v, axis_name=RING_AXIS, causal=causal, segment_ids=seg, layout=layout,
+                              implementation=implementation)[0]
         if ring_size == 1:
             return ulysses_attention(q, k, v, axis_name=A2A_AXIS, causal=causal, segment_ids=seg,
                                      implementation=implementation)

@@ -9,6 +9,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from pallas_kernels.flash_attention import flash_attention_reference
 from sharding.hybrid_attention import hybrid_attention
+from sharding.lightseq_attention import lightseq_attention
 from sharding.load_balance import from_zigzag, to_zigzag, zigzag_order
 from sharding.ring_attention import ring_attention
 from sharding.ulysses_attention import ulysses_attention
@@ -39,6 +40,8 @@ def sharded_attention(strategy, mesh, layout, causal):
     def local(q, k, v, seg):
         if strategy == "ring":
             return ring_attention(q, k, v, axis_name="sequence", causal=causal, segment_ids=seg, layout=layout)[0]
+        if strategy == "lightseq":
+            return lightseq_attention(q, k, v, axis_name="sequence", segment_ids=seg)[0]
         if strategy == "ulysses":
             return ulysses_attention(q, k, v, axis_name="sequence_a2a", causal=causal, segment_ids=seg)
         return hybrid_attention(q, k, v, ring_axis="sequence", a2a_axis="sequence_a2a", causal=causal,
@@ -67,6 +70,8 @@ CASES = [
     ("ring", (2, 1), "contiguous", False, (3, 1), False, 14),
     ("ulysses", (1, 4), "contiguous", True, (8, 2), True, 20),
     ("ulysses", (1, 4), "contiguous", False, (4, 1), False, 12),
+    ("lightseq", (4, 1), "contiguous", True, (4, 2), True, 20),
+    ("lightseq", (2, 1), "contiguous", True, (2, 1), False, 10),
     ("hybrid", (2, 2), "zigzag", True, (4, 2), True, 24),
     ("hybrid", (2, 4), "contiguous", False, (4, 1), True, 24),
 ]
