@@ -6,7 +6,11 @@ import random
 
 import pytest
 
-from jvila.eval.mt_bench.answers import answer_path, generate_answers, sampling_temperature
+from jvila.eval.mt_bench.answers import (
+    answer_path,
+    generate_answers,
+    sampling_temperature,
+)
 from jvila.eval.mt_bench.data import (
     MTBenchDataError,
     Question,

@@ -6,6 +6,7 @@ import contextlib
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -76,7 +77,7 @@ class FakeOpenAI:
 
     @contextlib.contextmanager
     def running(self):
-        thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
         thread.start()
         try:
             yield self
@@ -132,7 +133,8 @@ def test_generate_judge_show_single_and_pairwise(server, tmp_path, capsys):
                               "--question-ids", "81,111", "--question-ids", "131", "--max-tokens", "5")
         assert code == 0, err
         assert out.strip() == f"{out_dir}/model_answer/{model}.jsonl"
-    answers = [json.loads(line) for line in open(f"{out_dir}/model_answer/strong.jsonl")]
+    answer_lines = Path(f"{out_dir}/model_answer/strong.jsonl").read_text().splitlines()
+    answers = [json.loads(line) for line in answer_lines]
     assert [a["question_id"] for a in answers] == [81, 111, 131]
     assert answers[0]["choices"][0]["turns"] == ["strong answer turn 1", "strong answer turn 2"]
     # Writing is sampled at 0.7, math and extraction greedily; turn 2 carries turn 1's exchange.
@@ -143,7 +145,7 @@ def test_generate_judge_show_single_and_pairwise(server, tmp_path, capsys):
     code, out, err = _run(capsys, "judge", "--judge-url", server.url, "--judge-model", JUDGE, "--output", out_dir,
                           "--question-ids", "81,111,131", "--judge-max-tokens", "50", "--parallel", "3")
     assert code == 0, err
-    judgments = [json.loads(line) for line in open(out.strip())]
+    judgments = [json.loads(line) for line in Path(out.strip()).read_text().splitlines()]
     assert len(judgments) == 3 * 2 * 2
     assert all(r["body"]["temperature"] == 0 and r["body"]["max_tokens"] == 50
                for r in server.requests if r["body"]["model"] == JUDGE)
@@ -162,7 +164,7 @@ def test_generate_judge_show_single_and_pairwise(server, tmp_path, capsys):
     code, out, err = _run(capsys, "judge", "--judge-url", server.url, "--judge-model", JUDGE, "--output", out_dir,
                           "--mode", "pairwise-all", "--question-ids", "81,111,131")
     assert code == 0, err
-    pairs = [json.loads(line) for line in open(out.strip())]
+    pairs = [json.loads(line) for line in Path(out.strip()).read_text().splitlines()]
     assert len(pairs) == 3 * 2 and all(p["g1_winner"] == p["g2_winner"] == "model_1" for p in pairs)
     code, out, err = _run(capsys, "show", "--output", out_dir, "--mode", "pairwise-all", "--json")
     tables = json.loads(out)

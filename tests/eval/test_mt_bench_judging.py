@@ -163,7 +163,7 @@ def test_missing_answers_references_and_prompts_are_named(tmp_path):
     questions = _questions(81, 111)
     _write_answers(tmp_path, "a", questions[:1], random.Random(2))
     judge = ScriptedJudge(lambda s, u: "[[5]]")
-    kwargs = dict(output_dir=tmp_path, judge_model="j", judge_prompts=PROMPTS, references=REFERENCES)
+    kwargs = {"output_dir": tmp_path, "judge_model": "j", "judge_prompts": PROMPTS, "references": REFERENCES}
     with pytest.raises(MTBenchDataError, match="model 'a' has no answer to question 111"):
         run_judgments(judge, questions, models=["a"], **kwargs)
     with pytest.raises(MTBenchDataError, match="no answers for model 'b'"):

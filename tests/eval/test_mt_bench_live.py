@@ -7,12 +7,18 @@ with an 8-token step and a single 1024-token page per sequence.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
 from jvila.cli import main
 from jvila.eval.mt_bench.chat_client import ChatClient
-from jvila.eval.mt_bench.data import load_questions, load_reference_answers, packaged_data_dir, select_questions
+from jvila.eval.mt_bench.data import (
+    load_questions,
+    load_reference_answers,
+    packaged_data_dir,
+    select_questions,
+)
 from jvila.eval.mt_bench.verdicts import parse_rating
 from serving.api_server import ServerThread
 from serving.launch import EngineOptions, build_app
@@ -40,7 +46,7 @@ def test_smollm2_answers_and_judges_itself_through_our_server(server_url, tmp_pa
     assert main(["eval", "mt-bench", "generate", "--base-url", url, "--model", SERVED, "--max-tokens", "8",
                  *common]) == 0
     answer_file = capsys.readouterr().out.strip()
-    (record,) = [json.loads(line) for line in open(answer_file)]
+    (record,) = [json.loads(line) for line in Path(answer_file).read_text().splitlines()]
     first, second = record["choices"][0]["turns"]
     assert record["question_id"] == QUESTION and record["model_id"] == SERVED and first and second
     # Greedy (math is answered at temperature 0): turn 2 is what the model says after the whole first exchange.
@@ -53,7 +59,7 @@ def test_smollm2_answers_and_judges_itself_through_our_server(server_url, tmp_pa
     assert main(["eval", "mt-bench", "judge", "--judge-url", url, "--judge-model", SERVED,
                  "--judge-max-tokens", "12", *common]) == 0
     judgment_file = capsys.readouterr().out.strip()
-    judgments = [json.loads(line) for line in open(judgment_file)]
+    judgments = [json.loads(line) for line in Path(judgment_file).read_text().splitlines()]
     assert [(j["turn"], j["judge"]) for j in judgments] == [
         (1, [SERVED, "single-math-v1"]), (2, [SERVED, "single-math-v1-multi-turn"])]
     reference = load_reference_answers(packaged_data_dir())[QUESTION]

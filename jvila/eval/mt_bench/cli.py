@@ -103,8 +103,15 @@ def _judgment_file(args) -> Path:
 
 def _show(args) -> int:
     from jvila.eval.mt_bench.data import load_questions
-    from jvila.eval.mt_bench.judgment_files import load_pair_judgments, load_single_judgments
-    from jvila.eval.mt_bench.results import format_tables, pairwise_tables, single_tables
+    from jvila.eval.mt_bench.judgment_files import (
+        load_pair_judgments,
+        load_single_judgments,
+    )
+    from jvila.eval.mt_bench.results import (
+        format_tables,
+        pairwise_tables,
+        single_tables,
+    )
 
     path = _judgment_file(args)
     questions = load_questions(Path(args.data) / "question.jsonl")

@@ -87,23 +87,22 @@ def judge_prompts_for(kind: str, prompts: dict[str, JudgePrompt]) -> dict[tuple[
 
 
 def single_user_prompt(match: Match) -> str:
-    question, (answer,), reference = match.question, match.answers, match.reference
-    fields = {}
+    question, (answer,) = match.question, match.answers
     if match.multi_turn:
-        fields.update(question_1=question.turns[0], question_2=question.turns[1], answer_1=answer[0],
-                      answer_2=answer[1])
+        fields = {"question_1": question.turns[0], "question_2": question.turns[1], "answer_1": answer[0],
+                  "answer_2": answer[1]}
     else:
-        fields.update(question=question.turns[0], answer=answer[0])
+        fields = {"question": question.turns[0], "answer": answer[0]}
     return _fill(match, fields)
 
 
 def pair_user_prompt(match: Match, answer_a: tuple[str, ...], answer_b: tuple[str, ...]) -> str:
     question = match.question
     if match.multi_turn:
-        fields = dict(question_1=question.turns[0], question_2=question.turns[1], answer_a_1=answer_a[0],
-                      answer_b_1=answer_b[0], answer_a_2=answer_a[1], answer_b_2=answer_b[1])
+        fields = {"question_1": question.turns[0], "question_2": question.turns[1], "answer_a_1": answer_a[0],
+                  "answer_b_1": answer_b[0], "answer_a_2": answer_a[1], "answer_b_2": answer_b[1]}
     else:
-        fields = dict(question=question.turns[0], answer_a=answer_a[0], answer_b=answer_b[0])
+        fields = {"question": question.turns[0], "answer_a": answer_a[0], "answer_b": answer_b[0]}
     return _fill(match, fields)
 
 
