@@ -8,6 +8,7 @@ the cache). Text models and NVILA share `generate`; only NVILA takes images and 
     m.generate("What is in the picture?", images=["cat.jpg"])          # → ["A cat ..."]
     m.generate(["Describe it.", "And this one?"], images=[["a.jpg"], ["b.jpg", "c.jpg"]])
     m.encode_images(["a.jpg", "b.jpg"])                                 # → [tokens, hidden] per image
+    m.load_adapter("sql", "path/to/peft_adapter"); m.generate("...", adapter="sql")   # LoRA (PEFT format)
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import numpy as np
 from flax import nnx
 
 from jvila.checkpoints.errors import CheckpointError
+from jvila.checkpoints.peft_adapter import load_peft
 from jvila.checkpoints.pretrained import load_pretrained
 from jvila.generate import generate as generate_ids
+from jvila.models.lora import Adapter, AdapterError, merge
 from jvila.models.nvila import NVILA, dynamic_s2_tokens, embed_prompt, image_blocks, tile_tokens, video_block
 from jvila.processing.errors import MediaError
 from jvila.processing.media_prompt import ImageMedia, MediaSettings, build_media_prompt, image_media
@@ -59,6 +62,39 @@ class Model:
         llm = model.llm if isinstance(model, NVILA) else model
         # The decoder the functional core runs, split once.
         self._graphdef, self._state = nnx.split(llm)
+        self._llm_config = llm.config
+        self._adapters: dict[str, Adapter] = {}
+
+    @property
+    def adapters(self) -> dict[str, Adapter]:
+        """The loaded LoRA adapters by name (a copy: load and unload through the methods)."""
+        return dict(self._adapters)
+
+    def load_adapter(self, name: str, path_or_adapter, *, max_rank: int | None = None) -> Adapter:
+        """Load a PEFT LoRA directory (or take an `Adapter`) under `name` for `generate(..., adapter=name)`.
+
+        The adapter is checked against the language model (AdapterError if it does not fit); a name
+        already in use is replaced.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("an adapter needs a non-empty name")
+        if isinstance(path_or_adapter, Adapter):
+            adapter = path_or_adapter.check(self._llm_config)
+            if max_rank is not None and adapter.rank > max_rank:
+                raise AdapterError(f"adapter {name!r} has rank {adapter.rank}, above the maximum rank {max_rank}")
+        else:
+            adapter = load_peft(path_or_adapter, self._llm_config, max_rank=max_rank)
+        self._adapters[name] = adapter
+        return adapter
+
+    def unload_adapter(self, name: str) -> None:
+        self._adapter(name)
+        del self._adapters[name]
+
+    def _adapter(self, name: str) -> Adapter:
+        if name not in self._adapters:
+            raise AdapterError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._adapters)}")
+        return self._adapters[name]
 
     @property
     def is_multimodal(self) -> bool:
@@ -85,6 +121,7 @@ class Model:
         seed: int = 0,
         system: str | None = None,
         num_frames: int | None = None,
+        adapter: str | None = None,
     ) -> list[str]:
         """One completion per prompt (a string prompt counts as a list of one).
 
@@ -92,16 +129,21 @@ class Model:
         URL or PIL image; for videos a file or a folder of frames); for a list of prompts, a list
         with one entry per prompt (None, a source, or a list of sources). `system` is a system
         message put before string prompts. `num_frames` overrides the checkpoint's video frame count.
-        Temperature 0 decodes greedily.
+        Temperature 0 decodes greedily. `adapter` names a loaded LoRA adapter (`load_adapter`) to generate with.
         """
         new_ids = self.generate_token_ids(prompts, images=images, videos=videos, max_tokens=max_tokens,
-                                          temperature=temperature, seed=seed, system=system, num_frames=num_frames)
+                                          temperature=temperature, seed=seed, system=system, num_frames=num_frames,
+                                          adapter=adapter)
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in new_ids]
 
     def generate_token_ids(self, prompts: Prompt | Sequence[Prompt], *, images=None, videos=None,
                            max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                           system: str | None = None, num_frames: int | None = None) -> list[list[int]]:
+                           system: str | None = None, num_frames: int | None = None,
+                           adapter: str | None = None) -> list[list[int]]:
         """As `generate`, but the new token ids of each prompt (ending at its first EOS, kept)."""
+        # The adapter is merged into a copy of the weights for this call: one adapter for every prompt, no
+        # per-step cost; the weights of the loaded model stay as they are.
+        state = self._state if adapter is None else merge(self._graphdef, self._state, self._adapter(adapter))
         prompts, images, videos = _per_prompt(prompts, images, videos)
         if not self.is_multimodal and (any(images) or any(videos)):
             raise MediaError("this model is a text model; it takes no images or videos")
@@ -118,7 +160,7 @@ class Model:
         else:
             ids = [self._text_prompt(p) for p in prompts]
             embeddings = masks = None
-        return generate_ids(self._graphdef, self._state, ids, max_new_tokens=max_tokens,
+        return generate_ids(self._graphdef, state, ids, max_new_tokens=max_tokens,
                             eos_ids=self.tokenizer.eos_ids, temperature=temperature, seed=seed,
                             input_embeddings=embeddings, embedding_masks=masks)
 
