@@ -142,6 +142,9 @@ def test_generate_judge_show_single_and_pairwise(server, tmp_path, capsys):
     assert [b["temperature"] for b in bodies] == [0.7, 0.7, 0.0, 0.0, 0.0, 0.0]
     assert all(b["max_tokens"] == 5 for b in bodies) and len(bodies[1]["messages"]) == 3
 
+    code, out, err = _run(capsys, "judge", "--judge-url", server.url, "--judge-model", "nobody", "--output",
+                          out_dir, "--question-ids", "81")
+    assert code == 2 and "judging question 81 turn 1 (strong): " in err and "does not exist" in err
     code, out, err = _run(capsys, "judge", "--judge-url", server.url, "--judge-model", JUDGE, "--output", out_dir,
                           "--question-ids", "81,111,131", "--judge-max-tokens", "50", "--parallel", "3")
     assert code == 0, err
@@ -181,6 +184,8 @@ def test_generate_judge_show_single_and_pairwise(server, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "nobody", "--question-ids", "81"],
+     "answering question 81: http://127.0.0.1:"),
     (["generate", "--model", "nobody", "--question-ids", "81"], "HTTP 404: The model `nobody` does not exist"),
     (["generate", "--model", "strong", "--question-ids", "81,999"], "question ids not in the question file: [999]"),
     (["generate", "--model", "strong", "--model-id", "a/b", "--question-ids", "81"], "cannot name a file"),

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from jvila.eval.mt_bench.chat_client import EndpointError
 from jvila.eval.mt_bench.data import (
     DEFAULT_TEMPERATURE,
     TEMPERATURE_BY_CATEGORY,
@@ -87,8 +88,13 @@ def generate_answers(chat: Chat, questions: list[Question], *, output_dir: str |
     finished = [0]
 
     def answer_and_write(question: Question) -> None:
-        record = answer_question(chat, question, model_id=model_id, max_tokens=max_tokens, num_choices=num_choices,
-                                 force_temperature=force_temperature, system=system)
+        try:
+            record = answer_question(chat, question, model_id=model_id, max_tokens=max_tokens,
+                                     num_choices=num_choices, force_temperature=force_temperature, system=system)
+        except EndpointError as e:
+            # Say where it stopped; what was answered stays in the file and is not asked again.
+            raise EndpointError(f"answering question {question.question_id}: {e} (finished answers are kept in "
+                                f"{path}; run again to resume)") from None
         with lock:
             append_record(path, record)
             finished[0] += 1

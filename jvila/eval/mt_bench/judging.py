@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from jvila.eval.mt_bench.answers import Chat, answer_path
+from jvila.eval.mt_bench.chat_client import EndpointError
 from jvila.eval.mt_bench.data import (
     JudgePrompt,
     MTBenchDataError,
@@ -237,7 +238,12 @@ def run_judgments(chat: Chat, questions: list[Question], *, output_dir: str | Pa
     finished = [0]
 
     def judge_and_write(match: Match) -> None:
-        record = play(chat, match, judge_model, max_tokens=max_tokens)
+        try:
+            record = play(chat, match, judge_model, max_tokens=max_tokens)
+        except EndpointError as e:
+            raise EndpointError(f"judging question {match.question.question_id} turn {match.turn} "
+                                f"({' vs '.join(match.models)}): {e} (finished judgments are kept in {path}; run "
+                                "again to resume)") from None
         with lock:
             append_record(path, record)
             finished[0] += 1
