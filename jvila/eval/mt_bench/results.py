@@ -167,7 +167,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
 
 
 def format_tables(tables: Tables) -> str:
-    """The per-model table, then per category and per turn, as aligned plain text."""
+    """The per-model table, then per category (and per turn for pairwise grading), as aligned plain text."""
     if tables.mode == "single":
         title = "MT-bench score (single-answer grading, 1-10; -1 judgments dropped)"
         headers = ["model", "turn 1", "turn 2", "score", "judged", "failed"]
@@ -187,8 +187,8 @@ def format_tables(tables: Tables) -> str:
                   for m in models]
     turns = sorted({t for m in models for t in tables.by_turn.get(m, {})})
     per_turn = [[m] + [_cell(tables.by_turn.get(m, {}).get(t), digits) for t in turns] for m in models]
-    return "\n\n".join([
-        f"{title}\n{_table(headers, body)}",
-        f"By category ({value_name}, both turns)\n{_table(['model', *tables.categories], categories)}",
-        f"By turn ({value_name})\n{_table(['model', *(f'turn {t}' for t in turns)], per_turn)}",
-    ])
+    sections = [f"{title}\n{_table(headers, body)}",
+                f"By category ({value_name}, both turns)\n{_table(['model', *tables.categories], categories)}"]
+    if tables.mode != "single":  # the single-grading table has its turn columns already
+        sections.append(f"By turn ({value_name})\n{_table(['model', *(f'turn {t}' for t in turns)], per_turn)}")
+    return "\n\n".join(sections)
