@@ -2,7 +2,8 @@
 
 The model runs through KernelAttention, which picks ring, Ulysses or 2D attention from the mesh;
 parameters are placed by the logical-axis rules; packed sequences (segment ids, positions that
-restart) in every batch.
+restart) in every batch. Layouts: contiguous, zigzag (the batch permuted once) and LightSeq's
+balanced schedule.
 """
 
 import jax
@@ -53,8 +54,8 @@ CASES = {  # model, mesh, layout, the collectives sequence parallelism must use
     "fsdp x tensor": (GQA, MeshConfig(fsdp=4, tensor=2), "contiguous", ()),
     "fsdp x ring": (GQA, MeshConfig(fsdp=2, sequence=4), "contiguous", ("ppermute",)),
     "ulysses (MQA)": (MQA, MeshConfig(fsdp=2, sequence_a2a=4), "contiguous", ("all_to_all",)),
-    "2D x tensor": (GQA, MeshConfig(fsdp=1, sequence=2, sequence_a2a=2, tensor=2), "zigzag",
-                    ("ppermute", "all_to_all")),
+    "2D (LightSeq ring) x tensor": (GQA, MeshConfig(fsdp=1, sequence=2, sequence_a2a=2, tensor=2), "lightseq",
+                                    ("ppermute", "all_to_all")),
     "fsdp x zigzag ring (MQA)": (MQA, MeshConfig(fsdp=2, sequence=4), "zigzag", ("ppermute",)),
 }
 
