@@ -17,16 +17,30 @@ from __future__ import annotations
 import jax
 from jax.sharding import PartitionSpec
 
+from pallas_kernels.ring_attention_tpu import ring_attention_tpu
 from sharding.lightseq_attention import lightseq_attention
 from sharding.mesh import A2A_AXIS, RING_AXIS
 from sharding.ring_attention import ring_attention
 from sharding.ulysses_attention import ulysses_attention
 
 
+def _fused_tpu(implementation) -> bool:
+    if implementation is None:
+        return jax.default_backend() == "tpu"
+    return implementation in ("pallas_tpu", "pallas_tpu_interpret")
+
+
 def ring_stage(q, k, v, *, axis_name, causal, segment_ids, layout, sm_scale=None, implementation=None):
-    """(out, lse) over the ring axis: LightSeq's schedule for layout "lightseq" with a causal mask
-    (contiguous shards; without a mask there is no imbalance to fix, so the plain ring), else the
-    ring in the given layout."""
+    """(out, lse) over the ring axis. On a TPU (implementation None there, or "pallas_tpu[_interpret]")
+    with contiguous shards and no segment ids: the fused ring kernel. Otherwise LightSeq's schedule
+    for layout "lightseq" with a causal mask (without a mask there is no imbalance to fix, so the
+    plain ring), else the ring in the given layout."""
+    if layout in ("contiguous", "lightseq") and segment_ids is None and _fused_tpu(implementation):
+        # One Mosaic kernel: K/V travel by remote DMA while the block computes (forward); its
+        # backward is the unfused ring. Its own causal work balancing is the contiguous ring's.
+        interpret = implementation == "pallas_tpu_interpret"
+        return ring_attention_tpu(q, k, v, axis_name=axis_name, causal=causal, sm_scale=sm_scale,
+                                  interpret=interpret)
     if layout == "lightseq":
         if causal:
             return lightseq_attention(q, k, v, axis_name=axis_name, segment_ids=segment_ids, sm_scale=sm_scale,

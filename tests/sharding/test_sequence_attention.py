@@ -110,3 +110,24 @@ def test_head_count_that_cannot_split_names_the_fix():
     attend = sharded_attention("ulysses", mesh_of(1, 4), "contiguous", True)
     with pytest.raises(ValueError, match="6 query heads.*ring axis 'sequence'"):
         attend(q, k, v, None)
+
+
+def test_tpu_implementation_takes_the_fused_ring_kernel():
+    # The fused Mosaic ring (checked against the reference in tests/pallas_kernels) replaces the
+    # ppermute ring in the forward when shards are contiguous and unsegmented.
+    from sharding.hybrid_attention import ring_stage
+
+    q, k, v, seg, _ = random_inputs(0, seq=16, q_heads=2, kv_heads=1, segments=True)
+    mesh, spec = mesh_of(2, 1), PartitionSpec(None, "sequence", None, None)
+
+    def jaxpr(seg, implementation):
+        def local(q, k, v, seg):
+            return ring_stage(q, k, v, axis_name="sequence", causal=True, segment_ids=seg, layout="contiguous",
+                              implementation=implementation)[0]
+        seg_spec = None if seg is None else PartitionSpec(None, "sequence")
+        fn = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, seg_spec), out_specs=spec, check_vma=False)
+        return str(jax.make_jaxpr(fn)(q, k, v, seg))
+
+    fused = jaxpr(None, "pallas_tpu_interpret")
+    assert "pallas_call" in fused and "ppermute" not in fused
+    assert "ppermute" in jaxpr(seg, "pallas_tpu_interpret")  # segment ids: the general ring
