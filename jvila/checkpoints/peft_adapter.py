@@ -121,7 +121,7 @@ def load_peft(path, base_config: LLMConfig, *, max_rank: int | None = None) -> A
         weights[layer] = {}
         for module, ab in modules.items():
             if set(ab) != {"A", "B"}:
-                raise AdapterError(f"{weights_file}: layer {layer} {module} has lora_{list(ab)[0]} but not its pair")
+                raise AdapterError(f"{weights_file}: layer {layer} {module} has lora_{next(iter(ab))} but not its pair")
             a, b = np.asarray(ab["A"], np.float32).T, np.asarray(ab["B"], np.float32).T
             weights[layer][module] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
     extra = sorted(found - set(lora_config.target_modules))

@@ -12,13 +12,12 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
+from tiny_hf import random_hf_model, random_tokens, to_jvila
 
 from jvila.checkpoints.peft_adapter import CONFIG_FILE, WEIGHTS_FILE, load_peft, save_peft
 from jvila.models import functional
 from jvila.models.attention import dense_attention
 from jvila.models.lora import AdapterError, stack_adapters
-
-from tiny_hf import random_hf_model, random_tokens, to_jvila
 
 logits = jax.jit(functional.logits, static_argnames=("graphdef", "attention"))
 

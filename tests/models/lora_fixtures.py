@@ -39,7 +39,7 @@ def greedy_packed(extend_packed, graphdef, state, cfg, prompts, new_tokens, pad_
         # Padding tokens carry an arbitrary index: they must not matter.
         per_token = np.full(pad_tokens, -1, np.int32)
         per_token[: len(flat)] = np.repeat(row_adapters, [len(p) for p in prompts])
-        kwargs = dict(lora=lora, token_adapters=jnp.asarray(per_token))
+        kwargs = {"lora": lora, "token_adapters": jnp.asarray(per_token)}
     logits, cache = extend_packed(graphdef, state, jnp.asarray(tokens), jnp.asarray(cu), cache,
                                   attention=dense_attention, **kwargs)
     out, all_logits = [], [logits]

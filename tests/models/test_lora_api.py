@@ -1,15 +1,15 @@
 """The library's adapters: `jvila.load(dir).load_adapter(name, peft_dir)` then `generate(..., adapter=name)`
 decodes what `peft` + transformers decode greedily."""
 
+import nvila_fixture as fx
 import peft
 import pytest
 import torch
 import transformers
+from tiny_hf import randomize
 
 import jvila
-import nvila_fixture as fx
 from jvila.models.lora import AdapterError
-from tiny_hf import randomize
 
 
 @torch.no_grad()

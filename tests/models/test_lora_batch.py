@@ -5,14 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from lora_fixtures import greedy_packed, random_adapter
 
 from jvila.config import LLMConfig
 from jvila.models import functional
 from jvila.models.attention import dense_attention
 from jvila.models.llm import LLM
-from jvila.models.lora import TARGET_MODULES, AdapterError, merge, stack_adapters, unmerge
-
-from lora_fixtures import greedy_packed, random_adapter
+from jvila.models.lora import TARGET_MODULES, AdapterError, empty_slots, merge, set_slot, stack_adapters, unmerge
 
 # Sizes that divide nothing in particular; q/k/v biases and an o bias so the adapters sit beside them.
 CFG = LLMConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -122,3 +121,25 @@ def test_bad_adapters_and_indices_are_refused(setup):
     with pytest.raises(ValueError, match=r"must be \[batch\] or \[batch, seq\]"):
         functional.logits(graphdef, state, tokens, attention=dense_attention, lora=lora,
                           token_adapters=jnp.zeros((3,), jnp.int32))
+
+
+def test_slots_filled_one_by_one_equal_the_stack(setup):
+    _, _, adapters, rng = setup
+    # An adapter on one layer only (PEFT's layers_to_transform) leaves the other layer's slot zero.
+    partial = random_adapter(CFG, 8, ("q_proj", "up_proj"), rng, layers=[1])
+    chosen = [adapters[3], partial, adapters[0]]
+    want = stack_adapters(chosen, max_rank=32, base_config=CFG, target_modules=TARGET_MODULES)
+    slots = empty_slots(CFG, 3, 32)
+    for slot in (2, 0, 1):
+        slots = set_slot(slots, slot, chosen[slot])
+    for got_leaf, want_leaf in zip(jax.tree.leaves(slots), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf))
+    assert not np.asarray(slots.layers[0]["q_proj"].a[1]).any() and np.asarray(slots.layers[1]["q_proj"].a[1]).any()
+    # Overwriting a slot with a smaller adapter clears what the old one left beyond its rank and modules.
+    slots = set_slot(slots, 0, partial)
+    np.testing.assert_array_equal(np.asarray(slots.layers[1]["down_proj"].b[0]), 0)
+    np.testing.assert_array_equal(np.asarray(slots.layers[1]["q_proj"].a[0]), np.asarray(slots.layers[1]["q_proj"].a[1]))
+    with pytest.raises(AdapterError, match="above the maximum rank 32"):
+        set_slot(slots, 0, adapters[-1])
+    with pytest.raises(AdapterError, match="outside the 3 slots"):
+        set_slot(slots, 3, partial)

@@ -4,14 +4,13 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from lora_fixtures import greedy_packed, random_adapter
 
 from jvila.config import LLMConfig
 from jvila.models import functional
 from jvila.models.llm import LLM
 from jvila.models.lora import TARGET_MODULES, partition_specs, shard_lora, stack_adapters
 from sharding.rules import make_mesh, shard_state
-
-from lora_fixtures import greedy_packed, random_adapter
 
 # 4 query / 2 KV heads and an MLP width that split 2 ways; hidden 48 splits over fsdp 2.
 CFG = LLMConfig(vocab_size=83, hidden_size=48, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

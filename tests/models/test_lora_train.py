@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from lora_fixtures import random_adapter
 
 from jvila.checkpoints.peft_adapter import load_peft, save_peft
 from jvila.config import LLMConfig
@@ -12,8 +13,6 @@ from jvila.models.attention import dense_attention
 from jvila.models.llm import LLM
 from jvila.models.lora import LoraConfig, LoraWeights, merge, stack_adapters
 from jvila.models.lora_train import train_lora
-
-from lora_fixtures import random_adapter
 
 CFG = LLMConfig(vocab_size=61, hidden_size=40, intermediate_size=56, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=10)
@@ -69,7 +68,7 @@ def test_dropout_only_with_a_key():
 
 
 def test_train_lora_fits_a_sequence_with_the_base_frozen(tmp_path):
-    rng, graphdef, state, tokens, targets, weights = setup(int(np.random.default_rng().integers(1 << 20)))
+    _, graphdef, state, tokens, targets, weights = setup(int(np.random.default_rng().integers(1 << 20)))
     before = [np.asarray(x) for x in jax.tree.leaves(state)]
     config = LoraConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "gate_proj"), dropout=0.05)
     batches = [(tokens, targets, weights)] * 40
