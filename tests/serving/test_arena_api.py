@@ -212,13 +212,13 @@ def test_arena_refuses_a_bad_setup(tiny, tmp_path, capsys):
 
 def test_a_reader_hanging_up_leaves_the_battle_unanswered_and_frees_the_engine(tiny, tmp_path):
     tokenizer, _, graphdef, state = tiny
-    with arena_server(tokenizer, graphdef, state, str(tmp_path / "arena.db"), write_contestants(tmp_path / "c.json"),
-                      max_tokens=40) as (server, arena, engine):
+    with arena_server(tokenizer, graphdef, state, str(tmp_path / "arena.db"), write_contestants(tmp_path / "c.json")) \
+            as (server, arena, engine):
         # A pause per engine step: the answers are still being generated when the reader goes away.
         step = engine.step
 
         def slow_step():
-            time.sleep(0.05)
+            time.sleep(0.2)
             return step()
 
         engine.step = slow_step

@@ -43,8 +43,10 @@ async function show(view) {
     body.appendChild(tr);
   }
   table.hidden = false;
-  document.getElementById("chart").src = `/arena/leaderboard.png?${query}&votes=${board.votes}`;
-  figure.hidden = false;
+  // The figure appears once its chart has loaded (drawing it can take a moment), never as an empty frame.
+  const chart = document.getElementById("chart");
+  chart.onload = () => { figure.hidden = false; };
+  chart.src = `/arena/leaderboard.png?${query}&votes=${board.votes}`;
 }
 
 const select = document.getElementById("view");
