@@ -178,7 +178,11 @@ def _router(arena: Arena, server) -> fastapi.APIRouter:
     async def leaderboard(method: str = "bt", style_control: bool = False):
         _view(method, style_control)
         board = await asyncio.to_thread(arena.ratings.board, method, style_control)
-        return board | {"contestants": sorted(arena.contestants())}
+        try:
+            names = sorted(arena.contestants())
+        except APIError:  # fewer than two models served right now: the votes are still rated
+            names = []
+        return board | {"contestants": names}
 
     @router.get("/arena/leaderboard.png", include_in_schema=False)
     async def leaderboard_chart(method: str = "bt", style_control: bool = False):
