@@ -80,11 +80,31 @@ class StepResult:
     top_logprobs: np.ndarray  # [B, batch.num_logprobs] float32
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "num_top", "lora_static"),
+class _Static:
+    """A static jit argument hashed once: a model's graphdef hashes its whole module tree in Python,
+    and jit hashes its static arguments on every call (about a millisecond per step for SmolLM2)."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value):
+        self.value, self._hash = value, hash(value)
+
+    def __hash__(self):
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and (self.value is other.value or self.value == other.value)
+
+
+@functools.partial(jax.jit, static_argnames=("model_def", "attention", "num_top", "lora_static"),
                    donate_argnames=("k_pages", "v_pages"))
-def _step(graphdef, state, k_pages, v_pages, tokens, cu_q_lens, context_lens, page_table, params: SamplingArrays,
-          input_embeddings, embedding_mask, lora_table=None, token_adapters=None, *, attention, num_top,
-          lora_static=None) -> tuple[SampleOutput, tuple, tuple]:
+def _step(model_def: _Static, state_leaves, k_pages, v_pages, tokens, cu_q_lens, context_lens, page_table,
+          params: SamplingArrays, input_embeddings, embedding_mask, lora_table=None, token_adapters=None, *,
+          attention, num_top, lora_static=None) -> tuple[SampleOutput, tuple, tuple]:
+    # The state travels as its flat leaves (flattening an nnx.State on the host costs more than the
+    # call itself); model_def holds the graphdef and the state's treedef.
+    graphdef, state_treedef = model_def.value
+    state = jax.tree.unflatten(state_treedef, state_leaves)
     lora = None
     if lora_table is not None:
         # The batch's adapters are read out of the pools (unified paging) before this step writes its KV.
@@ -134,7 +154,8 @@ class StepRunner:
                              f"{num_pages}, {page_size}, {max_pages_per_seq}")
         model = nnx.merge(graphdef, state)  # only to read its static config and dtype
         cfg = model.config
-        self.graphdef, self.state = graphdef, state
+        self.graphdef = graphdef
+        self.state = state  # also flattens it for the step (see the property)
         self.config = cfg
         self.num_pages, self.page_size, self.max_pages_per_seq = num_pages, page_size, max_pages_per_seq
         self.attention = attention or default_attention()
@@ -152,7 +173,11 @@ class StepRunner:
         rows, num_tokens = batch.num_rows, batch.num_tokens
         q_lens = self._check(batch)
         rows_b = bucket(rows, self.min_rows)
-        tokens_b = bucket(num_tokens, self.min_tokens)
+        # A step with no more tokens than its row bucket (decode only, say) pads its tokens to the row
+        # bucket, not to min_tokens: the matmuls then run on as many rows as the batch has (a lone
+        # decode row is one matrix-vector product per weight, not eight), and at one token per
+        # block the attention takes its decode path.
+        tokens_b = rows_b if num_tokens <= rows_b else bucket(num_tokens, self.min_tokens)
         # Only as many table columns as the longest row needs: the dense attention reads them all.
         pages_needed = int(np.max(-(-(batch.context_lens + q_lens) // self.page_size), initial=1))
         pages_b = min(bucket(pages_needed, -(-MIN_CONTEXT // self.page_size)), self.max_pages_per_seq)
@@ -180,13 +205,25 @@ class StepRunner:
             lora_static = (batch.lora.modules, batch.lora.max_rank, self.lora_geometry)
 
         out, self.k_pages, self.v_pages = _step(
-            self.graphdef, self.state, self.k_pages, self.v_pages, tokens, cu_q_lens, context_lens, table, params,
+            self._model_def, self._state_leaves, self.k_pages, self.v_pages, tokens, cu_q_lens, context_lens, table,
+            params,
             media, media_mask, lora_table, token_adapters, attention=self.attention, num_top=num_top,
             lora_static=lora_static)
         out = jax.device_get(out)
         n = batch.num_logprobs
         return StepResult(np.asarray(out.tokens[:rows]), np.asarray(out.logprobs[:rows]),
                           np.asarray(out.top_ids[:rows, :n]), np.asarray(out.top_logprobs[:rows, :n]))
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, state) -> None:
+        """The weights the step runs (swappable between steps for a state of the same structure)."""
+        self._state = state
+        self._state_leaves, treedef = jax.tree.flatten(state)
+        self._model_def = _Static((self.graphdef, treedef))
 
     def copy_pages(self, pairs) -> None:
         """Copy whole pages src → dst in every layer's K and V pools (copy-on-write)."""

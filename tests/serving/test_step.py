@@ -214,18 +214,22 @@ def test_compilations_are_bounded_by_buckets(split_model):
 
     step([3, 5], [0, 0])  # 8 tokens, 2 rows, contexts within the smallest page bucket
     before = StepRunner.num_compilations()
-    # Same buckets (tokens <= 8, rows 2, contexts <= MIN_CONTEXT): any composition reuses the compilation.
-    for q_lens, context in (([1, 1], [4, 7]), ([8, 0], [0, 0]), ([2, 4], [3, 1]), ([1, 7], [0, MIN_CONTEXT - 7])):
+    # Same buckets (tokens 3..8, rows 2, contexts <= MIN_CONTEXT): any composition reuses the compilation.
+    for q_lens, context in (([8, 0], [0, 0]), ([2, 4], [3, 1]), ([1, 7], [0, MIN_CONTEXT - 7])):
         step(q_lens, context)
     assert StepRunner.num_compilations() == before
-    # Rows 3 and 4 share the 4-row bucket; tokens 9..16 share the 16 bucket: two more in all.
+    # No more tokens than the row bucket (decode steps): tokens padded to the 2 rows, one compilation.
+    for q_lens, context in (([1, 1], [4, 7]), ([0, 1], [3, 9]), ([2, 0], [5, 0])):
+        step(q_lens, context)
+    assert StepRunner.num_compilations() == before + 1
+    # Rows 3 and 4 share the 4-row bucket (decode: 4 tokens); tokens 9..16 share the 16 bucket.
     for q_lens, context in (([1, 1, 1], [1, 5, 3]), ([1, 1, 1, 1], [0, 5, 6, 7])):
         step(q_lens, context)
     for q_lens, context in (([9, 1, 1], [0, 2, 3]), ([5, 5, 5, 1], [0, 0, 1, 3])):
         step(q_lens, context)
-    assert StepRunner.num_compilations() == before + 2
-    step([1, 1], [MIN_CONTEXT + 6, 3])  # a longer context: the next page bucket
     assert StepRunner.num_compilations() == before + 3
+    step([1, 1], [MIN_CONTEXT + 6, 3])  # a longer context: the next page bucket
+    assert StepRunner.num_compilations() == before + 4
 
 
 def test_bad_batches_are_refused(split_model):
