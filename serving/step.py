@@ -84,7 +84,7 @@ class _Static:
     """A static jit argument hashed once: a model's graphdef hashes its whole module tree in Python,
     and jit hashes its static arguments on every call (about a millisecond per step for SmolLM2)."""
 
-    __slots__ = ("value", "_hash")
+    __slots__ = ("_hash", "value")
 
     def __init__(self, value):
         self.value, self._hash = value, hash(value)

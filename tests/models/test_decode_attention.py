@@ -14,7 +14,7 @@ PAGE = 4
 
 def reference(q, k_pages, v_pages, table, slots, positions, kv_lengths, num_real):
     """Token by token in float64: token t of row slots[t] sees that row's positions j <= positions[t]."""
-    num_tokens, q_heads, head_dim = q.shape
+    _, q_heads, head_dim = q.shape
     group = q_heads // k_pages.shape[2]
     out = np.zeros(q.shape)
     for t in range(num_real):
