@@ -191,6 +191,22 @@ def test_leaderboard_views_and_chart_follow_the_votes(tiny, tmp_path):
     assert chart.getheader("Content-Type") == "image/png" and png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_without_a_contestants_file_the_contestants_follow_the_served_models(tiny, tmp_path, monkeypatch):
+    """The models served at each moment are the contestants (adapters come and go while the server runs)."""
+    tokenizer, _, graphdef, state = tiny
+    served = [MODEL_NAME, f"{MODEL_NAME}:adapter-1", f"{MODEL_NAME}:adapter-2"]
+    monkeypatch.setattr("serving.arena.routes.served_model_names", lambda server: list(served))
+    with arena_server(tokenizer, graphdef, state, str(tmp_path / "d.db"), None) as (server, arena, _):
+        assert raw_request(server, "GET", "/arena/api/info")[1]["contestants"] == sorted(served)
+        served.pop()
+        assert raw_request(server, "GET", "/arena/api/info")[1]["contestants"] == sorted(served)
+        served.pop()
+        status, body = raw_request(server, "POST", "/arena/api/battles", '{"prompt": "hi"}')
+        assert status == 503 and "at least two contestants" in body["error"]["message"]
+        assert arena.store.count() == (0, 0)
+        assert raw_request(server, "GET", "/arena/api/leaderboard")[0] == 200
+
+
 def test_arena_refuses_a_bad_setup(tiny, tmp_path, capsys):
     tokenizer, _, graphdef, state = tiny
     # One served model and no contestants file: fewer than two contestants.
