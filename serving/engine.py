@@ -63,6 +63,13 @@ class Engine:
             raise ValueError(f"max_running and token_budget must be positive, got {max_running} and {token_budget}")
         config = nnx.merge(graphdef, state).config  # only to read the static config
         pool_tokens = num_pages * page_size
+        if adapters is not None:
+            # A full-context sequence and the largest adapter the store accepts always fit together, so
+            # neither admission nor a growing sequence can wait forever on an adapter's pages.
+            pool_tokens -= PoolGeometry.of(config, page_size).largest_adapter_pages(adapters.max_rank) * page_size
+            if pool_tokens < 2:
+                raise ValueError(f"a {num_pages}-page pool cannot hold an adapter of rank {adapters.max_rank} "
+                                 "beside a sequence; give it more pages or lower the maximum rank")
         if max_context is None:
             max_context = min(config.max_position_embeddings, pool_tokens)
         if not 1 < max_context <= pool_tokens:
@@ -82,7 +89,8 @@ class Engine:
                                  lora_geometry=None if adapters is None else PoolGeometry.of(config, page_size))
         # Adapters share the KV page pool (unified paging): see serving/adapters.
         self.adapters = (None if adapters is None else
-                         EngineAdapters(adapters, self.allocator, self.runner.write_pages, page_size=page_size))
+                         EngineAdapters(adapters, self.allocator, self.runner.write_pages, page_size=page_size,
+                                        sequence_pages=-(-max_context // page_size)))
         self._clock = clock
         self._seed_rng = np.random.default_rng(seed)
         self._running: list[Sequence] = []  # admission order: the last is the first to be preempted

@@ -16,6 +16,7 @@ import collections
 from serving.adapters.paged_layout import PoolGeometry
 from serving.adapters.resident import ResidentAdapters
 from serving.adapters.store import (
+    AdapterError,
     AdapterInUse,
     AdapterStore,
     StoredAdapter,
@@ -30,17 +31,30 @@ PREFETCH_FREE_SHARE = 0.25
 
 
 class EngineAdapters:
-    def __init__(self, store: AdapterStore, allocator: PageAllocator, write_pages, *, page_size: int):
+    def __init__(self, store: AdapterStore, allocator: PageAllocator, write_pages, *, page_size: int,
+                 sequence_pages: int = 0):
+        """`sequence_pages`: pages one sequence of the longest context takes; an adapter must leave room for it."""
         self.store = store
         self.allocator = allocator
         self.geometry = PoolGeometry.of(store.base_config, page_size)
         self.resident = ResidentAdapters(self.geometry, allocator, write_pages)
+        self.sequence_pages = sequence_pages
         self._requests: collections.Counter[str] = collections.Counter()  # waiting or running, per adapter
+        for name in store.names:
+            self._check_fits(name, store.get(name))
 
     # ---- names ---------------------------------------------------------------------------------
 
     def add(self, name: str, adapter: StoredAdapter) -> None:
+        self._check_fits(name, adapter)
         self.store.add(name, adapter)
+
+    def _check_fits(self, name: str, adapter: StoredAdapter) -> None:
+        # An adapter that cannot share the pool with one full-length sequence would never be served.
+        need = self.resident.pages_needed(adapter)
+        if need + self.sequence_pages > self.allocator.num_pages:
+            raise AdapterError(f"LoRA adapter {name!r} needs {need} pages of the {self.allocator.num_pages}-page pool, "
+                               f"leaving less than the {self.sequence_pages} a full-context sequence needs")
 
     def remove(self, name: str) -> None:
         """Forget an adapter; refused (AdapterInUse) while requests wait for it or run with it."""

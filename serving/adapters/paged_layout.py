@@ -3,21 +3,22 @@ step gathers the batch's adapters back out of it.
 
 S-LoRA keeps adapter weights and the KV cache in one memory pool so that memory moves between
 them as the load changes. Here a page id names one page in every layer's K pool and V pool,
-[page_size, kv_heads, head_dim] each, so a page offers `2 * E` elements per layer, E =
+[page_size, kv_heads, head_dim] each, so a page offers `2 * E` values per layer, E =
 page_size * kv_heads * head_dim. An adapter takes whole pages from the same allocator as the
 sequences (`PageAllocator.allocate_raw`) and writes layer l's weights into those pages of layer
 l's pools — the same page ids in every layer, as a sequence's KV does.
 
-Layout, per layer, of an adapter of rank r targeting modules M (in the canonical order of
-`MODULES`): r "rank rows", row j being the concatenation over m in M of [A_m[:, j] (in_m
-values), B_m[j, :] (out_m values)] — width W = sum over M of (in_m + out_m). The r * W values go
-one after another through the adapter's pages, each page's K part (E values) then its V part.
-Storing by rank rows (like S-LoRA's rows of hidden-size vectors per rank) makes the memory an
-adapter takes proportional to its own rank: no adapter is padded to the largest rank in memory.
+Layout, per layer, of an adapter of rank r targeting modules M: one block per module m in M (in
+the canonical order of `MODULES`), the block being r "rank rows" [A_m[:, j] (in_m values),
+B_m[j, :] (out_m values)] — like S-LoRA's rows of hidden-size vectors, one per rank. The blocks
+follow one another through the adapter's pages, each page's K part (E values) then its V part.
+The memory an adapter takes is proportional to its own rank and its own modules: no adapter is
+padded to the largest rank (or to every module) in memory.
 
 The step gathers the batch's adapters into stacked [n, in, R] / [n, R, out] arrays (R: the
 largest rank in the batch, rounded up to a power of two), zero past each adapter's own rank —
-padding exists only in this per-step working set, never in the pool. The gather runs inside
+padding exists only in this per-step working set, never in the pool. It reads whole pages (one
+gather of page windows), then each module's block as one contiguous window per adapter, inside
 the jitted step, from the same (donated) pools the step then writes KV to.
 """
 
@@ -65,20 +66,29 @@ class PoolGeometry:
         """Values per page in one pool (K or V) of one layer."""
         return self.page_size * self.kv_heads * self.head_dim
 
-    def row_width(self, modules) -> int:
-        return sum(sum(self.dims[m]) for m in modules)
+    @property
+    def max_module_width(self) -> int:
+        return max(a + b for a, b in self.dims.values())
+
+    def values_for(self, rank: int, modules) -> int:
+        """Values per layer an adapter of this rank over these modules stores."""
+        return rank * sum(sum(self.dims[m]) for m in modules)
 
     def pages_for(self, rank: int, modules) -> int:
         """Pages an adapter of this rank over these modules takes from the pool."""
-        return -(-rank * self.row_width(modules) // (2 * self.half_page))
+        return -(-self.values_for(rank, modules) // (2 * self.half_page))
 
-    def module_offsets(self, modules) -> list[int]:
-        """Each canonical module's start within a rank row (-1: not targeted)."""
+    def largest_adapter_pages(self, max_rank: int) -> int:
+        """Pages the largest adapter the pool may have to hold takes: max_rank on every module."""
+        return self.pages_for(max_rank, MODULES)
+
+    def module_offsets(self, rank: int, modules) -> list[int]:
+        """Where each canonical module's block starts in the adapter's per-layer values (-1: not targeted)."""
         offsets, start = [], 0
         for m in MODULES:
             if m in modules:
                 offsets.append(start)
-                start += sum(self.dims[m])
+                start += rank * sum(self.dims[m])
             else:
                 offsets.append(-1)
         return offsets
@@ -94,12 +104,13 @@ def ordered_modules(modules) -> tuple[str, ...]:
 def pack_layer(geometry: PoolGeometry, weights: dict, rank: int, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
     """One layer's {module: (a [in, r], b [r, out])} → its K and V page contents [num_pages, page_size, kv_heads, d]."""
     modules = ordered_modules(weights)
-    rows = np.concatenate(
-        [np.concatenate([np.asarray(weights[m][0]).T, np.asarray(weights[m][1])], axis=1) for m in modules], axis=1)
-    if rows.shape != (rank, geometry.row_width(modules)):
-        raise ValueError(f"rank rows {rows.shape} do not match rank {rank} and width {geometry.row_width(modules)}")
+    blocks = [np.concatenate([np.asarray(weights[m][0]).T, np.asarray(weights[m][1])], axis=1) for m in modules]
+    for m, block in zip(modules, blocks):
+        if block.shape != (rank, sum(geometry.dims[m])):
+            raise ValueError(f"{m}: rank rows {block.shape} do not match rank {rank} and the module's shape")
+    values = np.concatenate([b.reshape(-1) for b in blocks])
     stream = np.zeros((num_pages * 2 * geometry.half_page,), np.float32)
-    stream[: rows.size] = rows.reshape(-1)
+    stream[: values.size] = values
     pages = stream.reshape(num_pages, 2, geometry.page_size, geometry.kv_heads, geometry.head_dim)
     return pages[:, 0], pages[:, 1]
 
@@ -111,33 +122,33 @@ class SlotTable:
 
     pages: np.ndarray  # [n, max_pages] int32: each adapter's pages in order
     ranks: np.ndarray  # [n] int32
-    widths: np.ndarray  # [n] int32: row width W of each adapter
-    offsets: np.ndarray  # [n, len(MODULES)] int32: module start in the rank row, -1 = not targeted
+    offsets: np.ndarray  # [n, len(MODULES)] int32: start of each module's block, -1 = not targeted
     scales: np.ndarray  # [n] float32
 
 
-def adapter_streams(k_pool, v_pool, table: SlotTable):
-    """Traced: each slot's value stream [n, max_pages * 2E] (every page's K part, then its V part), one layer."""
+def adapter_streams(k_pool, v_pool, table: SlotTable, tail: int):
+    """Traced: each slot's values [n, max_pages * 2E + tail] (every page's K part, then its V part), one layer.
+
+    `tail` zeros at the end keep every fixed-size window read of `gather_module` inside the stream.
+    """
     n, max_pages = table.pages.shape
     k = k_pool[table.pages].reshape(n, max_pages, 1, -1)
     v = v_pool[table.pages].reshape(n, max_pages, 1, -1)
-    return jnp.concatenate([k, v], axis=2).reshape(n, -1)
+    streams = jnp.concatenate([k, v], axis=2).reshape(n, -1)
+    return jnp.concatenate([streams, jnp.zeros((n, tail), streams.dtype)], axis=1)
 
 
 def gather_module(streams, table: SlotTable, module_index: int, in_dim: int, out_dim: int, max_rank: int):
     """One layer's stacked (a [n, in, R], b [n, R, out]) of one module, read from the slots' streams.
 
-    Values past an adapter's rank, and modules it does not target, come out as zeros. Traced
-    (jnp) code: called inside the jitted step with the table's arrays on device.
+    Each adapter's block is one contiguous window of R rows (rows past its rank, and modules it
+    does not target, are zeroed). Traced (jnp) code, inside the jitted step.
     """
     offset = table.offsets[:, module_index]  # [n]
-    rank_ids = jnp.arange(max_rank, dtype=jnp.int32)
-    live = (rank_ids[None, :] < table.ranks[:, None]) & (offset[:, None] >= 0)  # [n, R]
-    # Stream position of (adapter s, rank j, column c): j * W_s + offset_s + c; A's columns then B's.
     width = in_dim + out_dim
-    pos = (rank_ids[None, :, None] * table.widths[:, None, None] + jnp.maximum(offset, 0)[:, None, None]
-           + jnp.arange(width, dtype=jnp.int32)[None, None, :])
-    pos = jnp.minimum(pos, streams.shape[1] - 1)  # dead entries (masked below) may point past the stream
-    values = jnp.take_along_axis(streams, pos.reshape(pos.shape[0], -1), axis=1).reshape(pos.shape)
-    values = jnp.where(live[:, :, None], values, jnp.zeros((), values.dtype))  # [n, R, in + out]
-    return jnp.swapaxes(values[:, :, :in_dim], 1, 2), values[:, :, in_dim:]
+    window = jax.vmap(lambda stream, start: jax.lax.dynamic_slice(stream, (start,), (max_rank * width,)))(
+        streams, jnp.maximum(offset, 0))
+    rows = window.reshape(-1, max_rank, width)
+    live = (jnp.arange(max_rank)[None, :] < table.ranks[:, None]) & (offset[:, None] >= 0)  # [n, R]
+    rows = jnp.where(live[:, :, None], rows, jnp.zeros((), rows.dtype))
+    return jnp.swapaxes(rows[:, :, :in_dim], 1, 2), rows[:, :, in_dim:]

@@ -55,15 +55,13 @@ def build_lora_batch(row_adapters, row_tokens, store, resident, geometry: PoolGe
     table = SlotTable(
         pages=np.zeros((n, _pow2(max(len(p) for p in pages))), np.int32),
         ranks=np.zeros((n,), np.int32),
-        widths=np.ones((n,), np.int32),
         offsets=np.full((n, len(MODULES)), -1, np.int32),
         scales=np.zeros((n,), np.float32),
     )
     for i, (adapter, p) in enumerate(zip(adapters, pages)):
         table.pages[i, : len(p)] = p
         table.ranks[i] = adapter.rank
-        table.widths[i] = geometry.row_width(adapter.modules)
-        table.offsets[i] = geometry.module_offsets(adapter.modules)
+        table.offsets[i] = geometry.module_offsets(adapter.rank, adapter.modules)
         table.scales[i] = adapter.scale
     modules = tuple(m for m in MODULES if any(m in a.modules for a in adapters))
     max_rank = _pow2(max(a.rank for a in adapters), MIN_RANK)
@@ -74,7 +72,7 @@ def gather_layers(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int,
     """Traced: per layer {module: (a [n, in, R], b [n, R, out])} gathered from the pools, in the pools' dtype."""
     layers = []
     for k_pool, v_pool in zip(k_pages, v_pages):
-        streams = adapter_streams(k_pool, v_pool, table)
+        streams = adapter_streams(k_pool, v_pool, table, max_rank * geometry.max_module_width)
         layer = {}
         for m in modules:
             in_dim, out_dim = geometry.dims[m]

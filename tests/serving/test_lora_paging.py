@@ -86,10 +86,12 @@ def test_gather_returns_each_adapter_zero_padded_to_the_working_rank():
 
 def test_pages_follow_rank_not_the_largest_rank():
     geometry = PoolGeometry.of(CFG, PAGE_SIZE)
-    row = geometry.row_width(MODULES)
+    row = sum(a + b for a, b in module_dims(CFG).values())
     per_page = 2 * PAGE_SIZE * CFG.num_kv_heads * CFG.head_dim
     for rank in (1, 8, 13, 64):
         assert geometry.pages_for(rank, MODULES) == -(-rank * row // per_page)
+    q, v = module_dims(CFG)["q_proj"], module_dims(CFG)["v_proj"]
+    assert geometry.pages_for(8, ("q_proj", "v_proj")) == -(-8 * (sum(q) + sum(v)) // per_page)
     assert geometry.pages_for(64, MODULES) > 6 * geometry.pages_for(8, MODULES)
 
 
@@ -158,3 +160,39 @@ def test_store_refuses_adapters_that_do_not_fit(tmp_path):
     with pytest.raises(AdapterError, match="already loaded"):
         store.add("ok", random_adapter(rng, 4))
     assert store.names == ["ok"]
+
+
+def test_an_adapter_that_would_leave_no_room_for_a_sequence_is_refused():
+    from serving.adapters.engine_adapters import EngineAdapters
+
+    rng = np.random.default_rng(4)
+    allocator, pool, _, geometry = make_resident(100)
+    store = AdapterStore(CFG, max_rank=64)
+    adapters = EngineAdapters(store, allocator, pool.write, page_size=PAGE_SIZE, sequence_pages=60)
+    small, big = random_adapter(rng, 8), random_adapter(rng, 16)
+    assert geometry.pages_for(8, MODULES) + 60 <= 100 < geometry.pages_for(16, MODULES) + 60
+    adapters.add("small", small)
+    with pytest.raises(AdapterError, match="full-context sequence"):
+        adapters.add("big", big)
+    assert store.names == ["small"]
+    store.add("big", big)  # a store holding it already: refused when the engine side is built
+    with pytest.raises(AdapterError, match="'big'"):
+        EngineAdapters(store, allocator, pool.write, page_size=PAGE_SIZE, sequence_pages=60)
+
+
+def test_engine_keeps_room_for_a_full_sequence_beside_the_largest_adapter():
+    from flax import nnx
+
+    from jvila.models.llm import LLM
+    from serving.engine import Engine
+
+    graphdef, state = nnx.split(LLM(CFG, rngs=nnx.Rngs(0)))
+    largest = PoolGeometry.of(CFG, PAGE_SIZE).largest_adapter_pages(16)
+    store = AdapterStore(CFG, max_rank=16)
+    engine = Engine(graphdef, state, num_pages=largest + 10, page_size=PAGE_SIZE, adapters=store)
+    assert engine.max_context == 10 * PAGE_SIZE  # the default context shrinks to what the adapter leaves
+    with pytest.raises(ValueError, match="max_context"):
+        Engine(graphdef, state, num_pages=largest + 10, page_size=PAGE_SIZE, adapters=store,
+               max_context=11 * PAGE_SIZE)
+    with pytest.raises(ValueError, match="cannot hold an adapter of rank 16"):
+        Engine(graphdef, state, num_pages=largest, page_size=PAGE_SIZE, adapters=store)

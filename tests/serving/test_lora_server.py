@@ -17,13 +17,20 @@ import numpy as np
 import peft
 import pytest
 import torch
+from live_server import (
+    CONTEXT,
+    MODEL_NAME,
+    raw_request,
+    reference_greedy,
+    tiny_model,
+    tiny_tokenizer,
+)
+from tiny_hf import build_tiny_model
 
-from live_server import CONTEXT, MODEL_NAME, raw_request, reference_greedy, tiny_model, tiny_tokenizer
 from serving.adapters.store import AdapterStore, read_peft
 from serving.api_server import ServerThread, create_app
 from serving.async_engine import AsyncEngine
 from serving.launch import EngineOptions, build_engine, make_scheduler_for
-from tiny_hf import build_tiny_model
 
 MAX_RANK = 16
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -108,7 +115,7 @@ def post(server, path, payload):
 
 
 def test_adapters_load_serve_and_unload_over_http(setup):
-    server, engine, tokenizer, hf, refs, root = setup
+    server, engine, tokenizer, hf, refs, _root = setup
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(3, tokenizer.vocab_size, 9)]
 
@@ -132,7 +139,7 @@ def test_adapters_load_serve_and_unload_over_http(setup):
 
 
 def test_refusals_are_4xx_and_disturb_nothing(setup):
-    server, engine, tokenizer, hf, refs, root = setup
+    server, engine, tokenizer, hf, refs, _root = setup
     prompt = [5, 9, 14, 20, 33, 41]
     free_before = engine.allocator.num_free
     cases = [
@@ -152,7 +159,7 @@ def test_refusals_are_4xx_and_disturb_nothing(setup):
     assert status == 400 and "lora_path" in text
     status, text = post(server, "/v1/unload_lora_adapter", {"lora_name": "nope"})
     assert status == 404 and json.loads(text)["error"]["code"] == "adapter_not_found"
-    status, body = complete(server, "nope", prompt)
+    status, _body = complete(server, "nope", prompt)
     assert status == 404
 
     # Unloading an adapter a request is using: 409, and that request still finishes correctly.

@@ -22,12 +22,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import peft
+from live_server import reference_greedy, tiny_model, tiny_tokenizer
+from test_lora_server import ALL_MODULES, peft_adapter, post
 
 from jvila.checkpoints.peft_adapter import save_peft
 from jvila.models.lora import LoraConfig
 from jvila.models.lora_train import train_lora
-from live_server import reference_greedy, tiny_model, tiny_tokenizer
-from test_lora_server import ALL_MODULES, peft_adapter, post
 
 ROOT = Path(__file__).resolve().parents[2]
 
