@@ -196,3 +196,34 @@ def test_engine_keeps_room_for_a_full_sequence_beside_the_largest_adapter():
                max_context=11 * PAGE_SIZE)
     with pytest.raises(ValueError, match="cannot hold an adapter of rank 16"):
         Engine(graphdef, state, num_pages=largest, page_size=PAGE_SIZE, adapters=store)
+
+
+def test_admission_evicts_idle_adapters_for_kv_and_prefetch_keeps_a_reserve():
+    from serving.adapters.engine_adapters import PREFETCH_FREE_SHARE, EngineAdapters
+    from serving.request import Request
+
+    rng = np.random.default_rng(5)
+    allocator, pool, _, geometry = make_resident(200)
+    store = AdapterStore(CFG, max_rank=64)
+    adapters = EngineAdapters(store, allocator, pool.write, page_size=PAGE_SIZE)
+    for i in range(6):
+        adapters.add(f"a{i}", random_adapter(rng, 8))
+    need = geometry.pages_for(8, MODULES)
+    requests = [Request(f"r{i}", [1, 2, 3], adapter=f"a{i}") for i in range(6)]
+    # Prefetch loads queued requests' adapters in order while free pages stay above the reserve.
+    adapters.prefetch(requests)
+    loaded = sum(f"a{i}" in adapters.resident for i in range(6))
+    assert loaded == int((200 - PREFETCH_FREE_SHARE * 200) // need)
+    assert all(f"a{i}" in adapters.resident for i in range(loaded))
+    assert allocator.num_free >= PREFETCH_FREE_SHARE * 200
+    # Admitting r0 uses its prefetched adapter; a KV allocation larger than the free pages evicts idle ones.
+    prompt = list(rng.integers(0, 50, (200 - need) * PAGE_SIZE))
+    assert adapters.admit(requests[0], lambda: allocator.allocate("r0", prompt), allocator.pages_needed(prompt))
+    assert "a0" in adapters.resident and adapters.resident.num_pages == need
+    assert adapters.resident.counts["adapter_loads"] == loaded  # nothing was loaded twice
+    # No room left for r1's adapter: not admitted, nothing changed.
+    assert not adapters.admit(requests[1], lambda: allocator.allocate("r1", [1]), 1)
+    assert "r1" not in allocator
+    adapters.release(requests[0])
+    allocator.free("r0")
+    assert adapters.admit(requests[1], lambda: allocator.allocate("r1", [1]), 1)
