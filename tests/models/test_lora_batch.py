@@ -1,5 +1,7 @@
 """Many adapters in one batch through the functional core equal each adapter merged into the base weights."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,19 @@ from jvila.config import LLMConfig
 from jvila.models import functional
 from jvila.models.attention import dense_attention
 from jvila.models.llm import LLM
-from jvila.models.lora import TARGET_MODULES, AdapterError, empty_slots, merge, set_slot, stack_adapters, unmerge
+from jvila.models.lora import (
+    TARGET_MODULES,
+    AdapterError,
+    dense_lora,
+    empty_slots,
+    merge,
+    packed_context,
+    padded_batch_context,
+    set_slot,
+    stack_adapters,
+    unmerge,
+)
+from pallas_kernels.lora import bgmv_reference, sgmv_reference
 
 # Sizes that divide nothing in particular; q/k/v biases and an o bias so the adapters sit beside them.
 CFG = LLMConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -64,23 +78,56 @@ def test_eight_adapters_in_one_batch_match_merged_models(setup):
     assert sum(differs) >= 6, differs
 
 
-def test_per_row_and_per_token_indices_agree_and_base_rows_are_untouched(setup):
+@functools.partial(jax.jit, static_argnames=("graphdef", "per_token", "implementation"))
+def hidden_with(graphdef, state, lora, tokens, rows, *, per_token, implementation):
+    """The decoder with adapters per row: as segments (sgmv) or repeated per token (bgmv)."""
+    model = nnx.merge(graphdef, state)
+    adapters = jnp.repeat(rows[:, None], tokens.shape[1], axis=1) if per_token else rows
+    context = padded_batch_context(lora, adapters, *tokens.shape, implementation=implementation)
+    assert (context.segment_starts is None) == per_token
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    hidden, _ = model(model.embed_tokens(tokens), positions=positions, attention=dense_attention, lora=context)
+    return hidden
+
+
+def test_kernel_paths_agree_with_the_dense_path_and_base_rows_are_untouched(setup):
     graphdef, state, adapters, rng = setup
     lora = stack_adapters(adapters[:3], max_rank=24, base_config=CFG)
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (4, 13)), jnp.int32)
     rows = jnp.asarray([2, -1, 0, 1], jnp.int32)
-    per_row = logits(graphdef, state, tokens, attention=dense_attention, lora=lora, token_adapters=rows)
-    per_token = logits(graphdef, state, tokens, attention=dense_attention, lora=lora,
-                                  token_adapters=jnp.repeat(rows[:, None], 13, axis=1))
+    dense = hidden_with(graphdef, state, lora, tokens, rows, per_token=True, implementation="dense")
+    for per_token in (False, True):  # sgmv, bgmv: the kernels' reference paths (what CPU dispatch picks)
+        kernel = hidden_with(graphdef, state, lora, tokens, rows, per_token=per_token, implementation="reference")
+        # The same float32 products summed in another order: rounding only.
+        np.testing.assert_allclose(np.asarray(kernel), np.asarray(dense), rtol=1e-5, atol=1e-5)
+    got = logits(graphdef, state, tokens, attention=dense_attention, lora=lora, token_adapters=rows)
     base = logits(graphdef, state, tokens, attention=dense_attention)
-    # sgmv (segments) and bgmv (per token) run the same reference math on CPU.
-    np.testing.assert_allclose(np.asarray(per_row), np.asarray(per_token), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(per_row[1]), np.asarray(base[1]))
-    assert np.abs(np.asarray(per_row[0]) - np.asarray(base[0])).max() > 1e-2
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(base[1]))
+    assert np.abs(np.asarray(got[0]) - np.asarray(base[0])).max() > 1e-2
     # One adapter alone: no indices needed.
     single = stack_adapters([adapters[2]], max_rank=24)
     alone = logits(graphdef, state, tokens, attention=dense_attention, lora=single)
-    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(per_row[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(got[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_rows_become_sgmv_segments(setup):
+    _, _, adapters, rng = setup
+    lora = stack_adapters(adapters[:4], max_rank=32)
+    cu = jnp.asarray([0, 5, 5, 6, 14], jnp.int32)  # an empty row, a one-token row, then padding to 17
+    per_token = jnp.asarray([3] * 5 + [-1] + [1] * 8 + [0, 2, 3], jnp.int32)
+    context = packed_context(lora, per_token, cu, 17)
+    np.testing.assert_array_equal(np.asarray(context.segment_starts), np.asarray(cu))
+    assert np.asarray(context.segment_adapters)[[0, 2, 3]].tolist() == [3, -1, 1]
+    assert packed_context(lora, per_token[:4], jnp.asarray([0, 1, 2, 3, 4], jnp.int32), 4).segment_starts is None
+    m = lora.layers[0]["q_proj"]
+    x = jnp.asarray(rng.standard_normal((17, m.a.shape[1])), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((17, m.b.shape[2])), jnp.float32)
+    segments = sgmv_reference(y, x, m.a, m.b, context.segment_starts, context.segment_adapters, lora.scales)
+    # Past cu_q_lens[-1] the segments leave y alone; up to there they equal the per-token form.
+    tokens = bgmv_reference(y, x, m.a, m.b, jnp.where(jnp.arange(17) < 14, per_token, -1), lora.scales)
+    np.testing.assert_allclose(np.asarray(segments), np.asarray(tokens), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dense_lora(y, x, m.a, m.b, per_token, lora.scales))[:14],
+                               np.asarray(tokens)[:14], rtol=1e-5, atol=1e-4)
 
 
 def test_merge_then_unmerge_restores_the_base(setup):
