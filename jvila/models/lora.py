@@ -159,6 +159,9 @@ def _padded(adapter: Adapter, layer: int, module: str, max_rank: int, shape, dty
     pair = adapter.weights.get(layer, {}).get(module)
     if pair is not None:
         r = adapter.rank
+        if tuple(pair[0].shape) != (d_in, r) or tuple(pair[1].shape) != (r, d_out):
+            raise AdapterError(f"layer {layer} {module}: lora A {tuple(pair[0].shape)} / B {tuple(pair[1].shape)} "
+                               f"do not fit (want A {(d_in, r)}, B {(r, d_out)})")
         a[:, :r] = np.asarray(pair[0], np.float32)
         b[:r, :] = np.asarray(pair[1], np.float32)
     return a.astype(dtype), b.astype(dtype)
@@ -179,6 +182,10 @@ def stack_adapters(adapters: list[Adapter], max_rank: int, *, base_config: LLMCo
         if base_config is not None:
             adapter.check(base_config)
     modules = target_modules or tuple(m for m in TARGET_MODULES if any(m in a.config.target_modules for a in adapters))
+    for i, adapter in enumerate(adapters):
+        dropped = sorted({m for layer in adapter.weights.values() for m in layer} - set(modules))
+        if dropped:
+            raise AdapterError(f"adapter {i} has weights for {dropped}, outside the stacked modules {list(modules)}")
     if base_config is not None:
         num_layers = base_config.num_layers
     else:

@@ -154,11 +154,16 @@ def test_bad_adapters_and_indices_are_refused(setup):
     graphdef, state, adapters, rng = setup
     with pytest.raises(AdapterError, match="adapter 4 has rank 40, above the maximum rank 32"):
         stack_adapters(adapters, max_rank=32)
-    wrong = random_adapter(CFG.__class__(**{**CFG.__dict__, "hidden_size": 40}), 8, ("q_proj",), rng)
+    wrong_cfg = CFG.__class__(**{**CFG.__dict__, "hidden_size": 40})
+    wrong = random_adapter(wrong_cfg, 8, ("q_proj",), rng)
     with pytest.raises(AdapterError, match="do not fit the base model"):
         stack_adapters([wrong], max_rank=8, base_config=CFG)
     with pytest.raises(AdapterError, match="do not fit the base model"):
         merge(graphdef, state, wrong)
+    with pytest.raises(AdapterError, match=r"adapter 0 has weights for \['o_proj'\], outside the stacked modules"):
+        stack_adapters([adapters[3]], max_rank=64, target_modules=("q_proj",))
+    with pytest.raises(AdapterError, match="do not fit"):  # no base config: the adapters must agree with each other
+        stack_adapters([adapters[3], random_adapter(wrong_cfg, 8, ("o_proj",), rng)], max_rank=64)
     with pytest.raises(AdapterError, match="unknown LoRA target modules"):
         random_adapter(CFG, 8, ("q_proj", "embed_tokens"), rng)
     lora = stack_adapters(adapters[:2], max_rank=16)
