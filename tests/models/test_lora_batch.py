@@ -12,6 +12,7 @@ from lora_fixtures import greedy_packed, random_adapter
 from jvila.config import LLMConfig
 from jvila.models import functional
 from jvila.models.attention import dense_attention
+from jvila.models.kv_cache import contiguous_cache
 from jvila.models.llm import LLM
 from jvila.models.lora import (
     TARGET_MODULES,
@@ -39,6 +40,8 @@ PAD_TOKENS = 160  # packed prefill width: more tokens than rows, so the prefill 
 
 extend_packed = jax.jit(functional.extend_packed, static_argnames=("graphdef", "attention"))
 logits = jax.jit(functional.logits, static_argnames=("graphdef", "attention"))
+extend = jax.jit(functional.extend, static_argnames=("graphdef", "attention"))
+decode_step = jax.jit(functional.decode_step, static_argnames=("graphdef", "attention"))
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,28 @@ def test_kernel_paths_agree_with_the_dense_path_and_base_rows_are_untouched(setu
     single = stack_adapters([adapters[2]], max_rank=24)
     alone = logits(graphdef, state, tokens, attention=dense_attention, lora=single)
     np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(got[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_extend_and_decode_step_take_per_row_adapters(setup):
+    graphdef, state, adapters, rng = setup
+    lora = stack_adapters(adapters[:2], max_rank=16, base_config=CFG)
+    rows = jnp.asarray([1, -1, 0], jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (3, 9)), jnp.int32)
+    num_new = jnp.asarray([9, 4, 7], jnp.int32)
+    nxt = jnp.asarray(rng.integers(0, CFG.vocab_size, 3), jnp.int32)
+
+    def run(state, **kw):
+        first, cache = extend(graphdef, state, tokens, num_new, contiguous_cache(CFG, 3, 16, page_size=8),
+                              attention=dense_attention, **kw)
+        second, _ = decode_step(graphdef, state, nxt, cache, attention=dense_attention, **kw)
+        return np.asarray(first), np.asarray(second)
+
+    got = run(state, lora=lora, token_adapters=rows)
+    for row, which in enumerate(rows.tolist()):
+        want = run(state if which < 0 else merge(graphdef, state, adapters[which]))
+        for g, w in zip(got, want):
+            # x@A@B beside W against x@(W + AB): float32 rounding only.
+            assert np.abs(g[row] - w[row]).max() < 1e-4 * np.abs(w[row]).max(), (row, which)
 
 
 def test_packed_rows_become_sgmv_segments(setup):
