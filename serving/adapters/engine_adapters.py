@@ -132,5 +132,5 @@ class EngineAdapters:
                                 self.geometry)
 
     def metrics(self) -> dict:
-        return {"adapters_loaded": len(self.store), "adapters_resident": len(self.resident._pages),
+        return {"adapters_loaded": len(self.store), "adapters_resident": self.resident.num_resident,
                 "adapter_pages": self.resident.num_pages, **self.resident.counts}

@@ -41,6 +41,10 @@ class ResidentAdapters:
         return list(self._pages[name])
 
     @property
+    def num_resident(self) -> int:
+        return len(self._pages)
+
+    @property
     def num_pages(self) -> int:
         return sum(len(p) for p in self._pages.values())
 
