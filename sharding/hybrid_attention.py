@@ -62,6 +62,9 @@ def hybrid_attention(q, k, v, *, ring_axis, a2a_axis, causal=True, segment_ids=N
                              sm_scale=sm_scale, implementation=implementation, inner=ring)
 
 
+SEQUENCE_LAYOUTS = ("contiguous", "zigzag", "lightseq")
+
+
 def sequence_axes(mesh) -> tuple[str, ...]:
     """The sequence axes of `mesh` that split anything, ring-major (the rule table's order)."""
     return tuple(axis for axis in (RING_AXIS, A2A_AXIS) if mesh.shape.get(axis, 1) > 1)
@@ -75,6 +78,8 @@ def sequence_parallel_attention(q, k, v, segment_ids, *, mesh, rows, heads, caus
     Ulysses, both the 2D hybrid. `rows` and `heads` are the mesh axes (or None) that batch rows and
     heads split over as well. Returns the output in q's layout.
     """
+    if layout not in SEQUENCE_LAYOUTS:
+        raise ValueError(f"unknown sequence layout {layout!r}; expected one of {SEQUENCE_LAYOUTS}")
     axes = sequence_axes(mesh)
     ring_size, a2a_size = mesh.shape.get(RING_AXIS, 1), mesh.shape.get(A2A_AXIS, 1)
     ways = ring_size * a2a_size

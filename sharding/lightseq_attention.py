@@ -21,7 +21,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_attention import flash_attention_with_lse, merge_attention_partials
+from pallas_kernels.flash_attention import (
+    flash_attention_with_lse,
+    merge_attention_partials,
+)
 
 
 def _send(x, axis_name, pairs):

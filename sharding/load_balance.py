@@ -10,8 +10,8 @@ attention is told the layout ("zigzag") so its causal mask uses the true positio
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 
 def zigzag_order(seq_len: int, ring_size: int, *, shard_multiple: int = 1) -> np.ndarray:

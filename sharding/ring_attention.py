@@ -6,7 +6,8 @@ sequence for q, k, v and the segment ids. Which global tokens a shard holds is i
 - "contiguous": shard r is chunk r of n equal chunks (Liu et al.'s ring attention);
 - "zigzag": the sequence is cut into 2n chunks and shard r holds chunks r and 2n-1-r, back to back
   (`sharding.load_balance` permutes a batch into this order once). Under a causal mask every
-  device then has the same amount of visible work at every ring step.
+  device then has the same amount of visible work at every ring step: after the first, exactly
+  half of each held block, computed as one unmasked call (which half depends on the origin).
 
 Forward: n steps; at each, one flash call per (local query chunk, held key chunk) pair with that
 pair's absolute offsets, merged into the running (out, lse); then K/V and their segment ids move
@@ -26,7 +27,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.flash_attention import flash_attention_with_lse, merge_attention_partials
+from pallas_kernels.flash_attention import (
+    flash_attention_with_lse,
+    merge_attention_partials,
+)
 
 LAYOUTS = ("contiguous", "zigzag")
 ATTENTION_OUT, ATTENTION_LSE = "attention_out", "attention_lse"
@@ -54,8 +58,10 @@ def _split(x, pieces, axis=1):
     return jnp.split(x, pieces, axis=axis)
 
 
-def _block_attention(q, k, v, q_seg, kv_seg, me, origin, cfg: _RingConfig):
+def _block_attention(q, k, v, q_seg, kv_seg, me, origin, cfg: _RingConfig, step: int = 0):
     """Local queries against the K/V block that started on device `origin`: (out, lse)."""
+    if cfg.layout == "zigzag" and cfg.causal and step > 0:
+        return _zigzag_off_diagonal(q, k, v, q_seg, kv_seg, me, origin, cfg)
     n = lax.axis_size(cfg.axis_name)
     pieces = 1 if cfg.layout == "contiguous" else 2
     chunk = q.shape[1] // pieces
@@ -74,6 +80,29 @@ def _block_attention(q, k, v, q_seg, kv_seg, me, origin, cfg: _RingConfig):
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
+def _zigzag_off_diagonal(q, k, v, q_seg, kv_seg, me, origin, cfg: _RingConfig):
+    """A zigzag block from another device under a causal mask: exactly half of it is visible, so
+    one unmasked call does it (this is what balances the ring). Device r holds chunks r and
+    2n-1-r; for origin o < r, the early chunk o is seen by both local chunks and the late chunk
+    2n-1-o by neither; for o > r, only the local late chunk 2n-1-r sees anything, and sees both
+    of o's chunks."""
+    half = q.shape[1] // 2
+    common = dict(causal=False, sm_scale=cfg.sm_scale, implementation=cfg.implementation)
+
+    def early():  # all local queries against the origin's early chunk
+        return flash_attention_with_lse(q, k[:, :half], v[:, :half], q_segment_ids=q_seg,
+                                        kv_segment_ids=None if kv_seg is None else kv_seg[:, :half], **common)
+
+    def late():  # the local late chunk against all of the origin's keys; the early chunk sees nothing
+        late_seg = None if q_seg is None else q_seg[:, half:]
+        out, lse = flash_attention_with_lse(q[:, half:], k, v, q_segment_ids=late_seg, kv_segment_ids=kv_seg,
+                                            **common)
+        out = jnp.concatenate([jnp.zeros_like(out), out], axis=1)
+        return out, jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=2)
+
+    return lax.cond(origin < me, early, late)
+
+
 def _rotate(x, axis_name):
     n = lax.axis_size(axis_name)
     return None if x is None else lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
@@ -90,7 +119,7 @@ def _ring_forward(q, k, v, q_seg, kv_seg, cfg):
     out = lse = None
     for step in range(n):
         origin = lax.rem(me - step + n, n)
-        part = _block_attention(q, k, v, q_seg, kv_seg, me, origin, cfg)
+        part = _block_attention(q, k, v, q_seg, kv_seg, me, origin, cfg, step)
         out, lse = part if out is None else merge_attention_partials(out, lse, *part)
         if step < n - 1:
             k, v, kv_seg = (_rotate(x, cfg.axis_name) for x in (k, v, kv_seg))
@@ -118,8 +147,9 @@ def _ring_bwd(cfg, residuals, cotangents):
     dv = jnp.zeros(v.shape, jnp.float32)
     for step in range(n):
         origin = lax.rem(me - step + n, n)
-        block = functools.partial(_block_attention, q_seg=q_seg, kv_seg=kv_seg, me=me, origin=origin, cfg=cfg)
-        (part_out, part_lse), vjp = jax.vjp(lambda q, k, v: block(q, k, v), q, k, v)
+        block = functools.partial(_block_attention, q_seg=q_seg, kv_seg=kv_seg, me=me, origin=origin, cfg=cfg,
+                                  step=step)
+        (part_out, part_lse), vjp = jax.vjp(block, q, k, v)
         # out = sum_i w_i out_i with w_i = exp(lse_i - lse), lse = logsumexp_i lse_i, hence
         # d out_i = w_i d_out and d lse_i = w_i (d_out . (out_i - out) + d_lse).
         weight = jnp.where(jnp.isfinite(part_lse), jnp.exp(part_lse - finite_lse), 0.0)  # [b, h, q]

@@ -11,15 +11,15 @@ from sharding.multihost import initialize_from_environment
 assert initialize_from_environment()
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 
-from flax import nnx  # noqa: E402
+from flax import nnx
 
-from jvila.config import LLMConfig  # noqa: E402
-from jvila.models import functional  # noqa: E402
-from jvila.models.attention import dense_attention  # noqa: E402
-from jvila.models.kernel_attention import KernelAttention  # noqa: E402
-from jvila.models.llm import LLM  # noqa: E402
-from sharding.load_balance import zigzag_batch  # noqa: E402
-from sharding.mesh import MeshConfig, build_mesh, shard_batch, shard_params  # noqa: E402
+from jvila.config import LLMConfig
+from jvila.models import functional
+from jvila.models.attention import dense_attention
+from jvila.models.kernel_attention import KernelAttention
+from jvila.models.llm import LLM
+from sharding.load_balance import zigzag_batch
+from sharding.mesh import MeshConfig, build_mesh, shard_batch, shard_params
 
 CFG = LLMConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=8)

@@ -1,5 +1,5 @@
 """The RoPE-theta context-extension switch and the needle-in-a-haystack harness (with an oracle
-that retrieves, a model that cannot, and a model run sequence-parallel against one device)."""
+that retrieves, a predictor that cannot, and a model)."""
 
 import dataclasses
 
@@ -12,12 +12,16 @@ from flax import nnx
 from jvila.config import LLMConfig, RopeConfig
 from jvila.models import functional
 from jvila.models.attention import dense_attention
-from jvila.models.kernel_attention import KernelAttention
 from jvila.models.llm import LLM
-from jvila.models.long_context import (LONGVILA_THETAS, extend_context, insert_needle_frame, make_needle_example,
-                                       niah_grid, ntk_theta)
+from jvila.models.long_context import (
+    LONGVILA_THETAS,
+    extend_context,
+    insert_needle_frame,
+    make_needle_example,
+    niah_grid,
+    ntk_theta,
+)
 from jvila.models.rope import inverse_frequencies
-from sharding.mesh import MeshConfig, build_mesh, shard_params
 
 CFG = LLMConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=8, max_position_embeddings=64)
@@ -66,22 +70,12 @@ def test_needle_placement_and_scoring():
     assert index == 2 and frames.shape == (6, 2, 2, 3) and float(frames[2].min()) == 1.0
 
 
-def test_harness_runs_a_model_sequence_parallel():
+def test_harness_runs_a_model():
+    # A random model cannot find the needle; what is checked is that the grid scores the model's
+    # own argmax at the answer positions (sequence-parallel logits equal these: test_sharded_step).
     graphdef, state = nnx.split(LLM(CFG, rngs=nnx.Rngs(1)))
-    mesh = build_mesh(MeshConfig(fsdp=2, sequence=4))
-    ring = KernelAttention("reference", mesh=mesh)
-    sharded = shard_params(state, mesh)
-    seen = {}
-
-    def predictor(name, attention, state):
-        fn = jax.jit(lambda s, t: functional.logits(graphdef, s, t, attention=attention))
-
-        def predict(tokens):
-            seen[name] = np.asarray(fn(state, tokens))
-            return seen[name]
-        return predict
-
-    want = niah_grid(predictor("one", dense_attention, state), [64], [0.25], vocab_size=CFG.vocab_size)
-    got = niah_grid(predictor("ring", ring, sharded), [64], [0.25], vocab_size=CFG.vocab_size)
-    assert got == want
-    np.testing.assert_allclose(seen["ring"], seen["one"], rtol=2e-5, atol=2e-5)  # float32 reordering only
+    fn = jax.jit(lambda t: functional.logits(graphdef, state, t, attention=dense_attention))
+    grid = niah_grid(fn, [64], [0.25], vocab_size=CFG.vocab_size, seeds=(5,))
+    ex = make_needle_example(64, 0.25, vocab_size=CFG.vocab_size, seed=5)
+    predicted = np.argmax(np.asarray(fn(jnp.asarray(ex.tokens)[None]))[0, ex.answer_positions], axis=-1)
+    assert grid[(64, 0.25)] == float(np.mean(predicted == ex.answer))

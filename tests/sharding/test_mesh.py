@@ -2,7 +2,6 @@
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -12,8 +11,15 @@ from jax.sharding import PartitionSpec
 
 from jvila.config import LLMConfig
 from jvila.models.llm import LLM
-from sharding.mesh import (MeshConfig, build_mesh, check_large_params_sharded, node_ordered_devices, shard_batch,
-                           shard_like_params, shard_params)
+from sharding.mesh import (
+    MeshConfig,
+    build_mesh,
+    check_large_params_sharded,
+    node_ordered_devices,
+    shard_batch,
+    shard_like_params,
+    shard_params,
+)
 
 CFG = LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=8)

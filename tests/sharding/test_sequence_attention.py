@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 from pallas_kernels.flash_attention import flash_attention_reference
-from sharding.hybrid_attention import hybrid_attention
+from sharding.hybrid_attention import hybrid_attention, sequence_parallel_attention
 from sharding.lightseq_attention import lightseq_attention
 from sharding.load_balance import from_zigzag, to_zigzag, zigzag_order
 from sharding.ring_attention import ring_attention
@@ -110,6 +110,8 @@ def test_head_count_that_cannot_split_names_the_fix():
     attend = sharded_attention("ulysses", mesh_of(1, 4), "contiguous", True)
     with pytest.raises(ValueError, match="6 query heads.*ring axis 'sequence'"):
         attend(q, k, v, None)
+    with pytest.raises(ValueError, match="unknown sequence layout 'striped'"):
+        sequence_parallel_attention(q, k, v, None, mesh=mesh_of(2, 1), rows=None, heads=None, layout="striped")
 
 
 def test_tpu_implementation_takes_the_fused_ring_kernel():

@@ -11,7 +11,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jvila.models.siglip import SiglipVisionTower
 from jvila.vision_config import SiglipConfig
 from sharding.mesh import MeshConfig, build_mesh
-from sharding.vision_balance import encode_frames_balanced, frames_per_rank, splice_and_reshard
+from sharding.vision_balance import (
+    encode_frames_balanced,
+    frames_per_rank,
+    splice_and_reshard,
+)
 
 TOWER = SiglipConfig(hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, image_size=16, patch_size=4)
 TOL = dict(rtol=1e-5, atol=1e-5)  # float32; same arithmetic per frame, only placed elsewhere
