@@ -184,3 +184,16 @@ def test_refusals_are_4xx_and_disturb_nothing(setup):
     assert [c["id"] for c in raw_request(server, "GET", "/v1/models")[1]["data"]] == [MODEL_NAME, "alpha"]
     expect(server, tokenizer, MODEL_NAME, hf, prompt)
     assert engine.allocator.num_free == free_before  # no pages leaked by the refusals
+
+
+def test_serve_refuses_bad_lora_flags_before_loading_anything(tmp_path, capsys):
+    from jvila.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--lora", "no-equals-sign"]) == 2
+    assert "--lora takes NAME=PATH" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--lora", "a=x", "--lora", "a=y"]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--lora-root", str(tmp_path / "absent")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["serve", "--model", str(tmp_path / "no-model"), "--lora", "a=x", "--max-lora-rank", "0"]) == 2
+    assert "--max-lora-rank" in capsys.readouterr().err
