@@ -1,8 +1,9 @@
 """Sequence parallelism: bytes each device sends per attention layer, and activation memory per device.
 
-For ring, Ulysses and 2D (Ulysses inside, ring across) attention at several shard counts, one
-attention layer (causal, GQA) is compiled on simulated CPU devices. From the compiled HLO we read
-every collective and the bytes one device sends through it:
+For ring (contiguous and zigzag shards), LightSeq's schedule, Ulysses and 2D (Ulysses inside, ring
+across) attention at several shard counts, one attention layer (causal, GQA) is compiled on
+simulated CPU devices. From the compiled HLO we read every collective and the bytes one device
+sends through it:
 
 - collective-permute: its whole operand (one send per ring step);
 - all-to-all: (n-1)/n of its operand (the 1/n addressed to itself stays);
@@ -107,7 +108,7 @@ def formula_bytes(strategy, ring, a2a, *, batch, seq, heads, kv_heads, head_dim,
         return (n - 1) * batch * local_len * (2 * heads + 2 * kv) * head_dim * itemsize // n \
             + (n - 1) * batch * local_len * 4
 
-    if strategy == "ring":
+    if strategy in ("ring", "zigzag"):  # the same transfers; zigzag only changes which tokens a shard holds
         return ring_term(ring, seq, kv_heads)
     if strategy == "lightseq":  # averaged over devices: each step some send K/V, others q (+ out, lse back)
         n, local = ring, seq // ring
@@ -133,7 +134,7 @@ def compile_layer(strategy, ring, a2a, *, batch, seq, heads, kv_heads, head_dim,
 
         def layer(q, k, v, seg):
             return sequence_parallel_attention(q, k, v, seg, mesh=mesh, rows=None, heads=None, causal=True,
-                                               layout="lightseq" if strategy == "lightseq" else "contiguous",
+                                               layout=LAYOUTS.get(strategy, "contiguous"),
                                                implementation="reference")
     fn = layer
     if backward:
@@ -147,7 +148,8 @@ def peak_bytes(compiled) -> int:
     return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
 
 
-STRATEGIES = {"ring": lambda n: (n, 1), "lightseq": lambda n: (n, 1), "ulysses": lambda n: (1, n), "2D": lambda n: (2, n // 2)}
+LAYOUTS = {"zigzag": "zigzag", "lightseq": "lightseq"}
+STRATEGIES = {"ring": lambda n: (n, 1), "zigzag": lambda n: (n, 1), "lightseq": lambda n: (n, 1), "ulysses": lambda n: (1, n), "2D": lambda n: (2, n // 2)}
 
 
 def main(argv=None):

@@ -16,9 +16,9 @@ def test_sequence_parallel_dry_run():
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     lines = log.splitlines()
-    assert "[check] sent bytes equal the formula in 4/4 rows: PASS" in lines, log[-3000:]
-    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in ("ring", "lightseq", "ulysses", "2D")]
-    assert len(rows) == 4
+    assert "[check] sent bytes equal the formula in 5/5 rows: PASS" in lines, log[-3000:]
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in ("ring", "zigzag", "lightseq", "ulysses", "2D")]
+    assert len(rows) == 5
     for row in rows:
         measured, formula, ratio = int(row[3]), int(row[4]), float(row[-1].rstrip("x"))
         assert measured == formula > 0
