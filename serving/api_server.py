@@ -204,8 +204,8 @@ async def chat_completion(state: ServerState, body: ChatCompletionRequest, http_
 
 
 def served_model_names(state: ServerState) -> list[str]:
-    """The model names this server answers to (the ones /v1/models lists)."""
-    return [state.model_name]
+    """The model names this server answers to (the ones /v1/models lists): the base model, then its adapters."""
+    return [state.model_name, *adapter_names(state)]
 
 
 async def _generate(state: ServerState, http_request: fastapi.Request, body, prompts, client: Client, *, chat: bool):

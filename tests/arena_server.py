@@ -17,10 +17,13 @@ SYSTEMS = {"alpha": "You are a helpful assistant.", "beta": None}
 
 
 @contextlib.contextmanager
-def arena_server(tokenizer, graphdef, state, database: str, contestants_file: str | None, **arena_options):
-    """The real engine, the OpenAI app and the Arena on 127.0.0.1 (a free port); stopped on exit."""
+def arena_server(tokenizer, graphdef, state, database: str, contestants_file: str | None, *, adapters=None,
+                 **arena_options):
+    """The real engine (with an AdapterStore: LoRA adapters served too), the OpenAI app and the Arena on
+    127.0.0.1 (a free port); stopped on exit."""
     options = EngineOptions(num_pages=NUM_PAGES, page_size=16, max_running=4, token_budget=8, max_context=CONTEXT)
-    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for("fcfs"), options=options)
+    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for("fcfs"), options=options,
+                          adapters=adapters)
     app = create_app(AsyncEngine(engine), tokenizer, model_name=MODEL_NAME, max_context=engine.max_context,
                      vocab_size=engine.vocab_size)
     arena = mount_arena(app, ArenaOptions(database=database, contestants_file=contestants_file,

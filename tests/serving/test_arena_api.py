@@ -256,3 +256,52 @@ def test_a_reader_hanging_up_leaves_the_battle_unanswered_and_frees_the_engine(t
         status, body = raw_request(server, "POST", f"/arena/api/battles/{battle.id}/vote", '{"winner": "tie"}')
         assert status == 409 and "before both answers" in body["error"]["message"]
         assert arena.store.count() == (1, 0)
+
+
+def test_a_lora_adapter_fights_its_base_model(tiny, tmp_path):
+    """Contestants are any served model names: here the base model and a LoRA adapter on the same engine, each
+    side's answer equal to its own PyTorch reference (the adapter's made and run by peft)."""
+    import copy
+
+    import peft
+    import torch
+    from flax import nnx
+
+    from serving.adapters.store import AdapterStore, read_peft
+
+    tokenizer, hf, graphdef, state = tiny
+    lora = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
+                                                                                                       "v_proj"]))
+    with torch.no_grad():  # PEFT starts lora_B at zero; random factors make the adapter change the answers
+        for name, param in lora.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape) * 0.3)
+    lora.save_pretrained(str(tmp_path / "terse"))
+    adapters = AdapterStore(nnx.merge(graphdef, state).config, max_rank=8, reader=read_peft)
+    adapters.add("terse-lora", adapters.read(str(tmp_path / "terse"), check_root=False))
+    contestants = tmp_path / "c.yaml"
+    contestants.write_text(f"- {{name: base, model: {MODEL_NAME}, temperature: 0}}\n"
+                           "- {name: lora, model: terse-lora, temperature: 0}\n")
+    # Longer than a KV page (16 tokens) with the chat template, as most prompts are: the two sides' requests
+    # share full prompt pages, which must not let one side reuse KV computed with the other side's weights.
+    prompt = f"Hello {random.randint(0, 10**6)}! The quick brown fox jumps over the lazy dog. How are you today?"
+    with arena_server(tokenizer, graphdef, state, str(tmp_path / "arena.db"), str(contestants),
+                      adapters=adapters) as (server, arena, _):
+        status, created = raw_request(server, "POST", "/arena/api/battles", json.dumps({"prompt": prompt}))
+        assert status == 201
+        status, raw = stream_answers(server, created["battle_id"])
+        assert status == 200 and "terse-lora" not in raw
+        status, voted = raw_request(server, "POST", f"/arena/api/battles/{created['battle_id']}/vote",
+                                    '{"winner": "model_a"}')
+        assert status == 200
+    ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                         add_generation_prompt=True), add_special_tokens=False)
+    references = {"base": hf, "lora": lora.eval()}
+    answers = {}
+    for side in "ab":
+        tokens, _ = reference_greedy(references[voted[f"model_{side}"]], ids, MAX_TOKENS, tokenizer.eos_ids)
+        answers[voted[f"model_{side}"]] = voted[f"answer_{side}"]
+        assert voted[f"answer_{side}"] == tokenizer.decode(tokens, skip_special_tokens=True), (
+            f"{voted[f'model_{side}']}'s answer is not its model's (prefix-cache pages shared between the base model "
+            "and an adapter? their keys must include the adapter)")
+    assert answers["base"] != answers["lora"]  # the adapter is really applied
