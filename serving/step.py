@@ -26,7 +26,9 @@ from jvila.models.kv_cache import KVCache
 from serving.adapters.working_set import LoraBatch, gather_lora_weights
 from serving.sampling import SampleOutput, SamplingArrays, sample
 
-MIN_TOKENS = 8  # smallest token bucket: a handful of decode rows share one compilation
+# Smallest token bucket of a step with more tokens than rows (prompt chunks): short chunks share one
+# compilation. A step with no more tokens than its row bucket (decode) pads to the row bucket instead.
+MIN_TOKENS = 8
 # Smallest page-table bucket, in tokens: short contexts share one compilation (gathering a few
 # more pages than needed costs less than compiling the whole model again).
 MIN_CONTEXT = 64
