@@ -169,7 +169,7 @@ def run_sorry_bench(*, data_dir: str | Path, output_dir: str | Path, base_url: s
         log.warning("no question.jsonl in %s: the judge sees each mutated prompt instead of its base request",
                     data_dir)
     if chat is None or judge is None:
-        from jvila.eval.mt_bench.chat_client import ChatClient
+        from jvila.eval.chat_client import ChatClient
 
         chat = chat or ChatClient(base_url, model, api_key=api_key)
         judge = judge or ChatClient(judge_url, judge_model, api_key=judge_api_key)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from jvila.cli import main
-from jvila.eval.mt_bench.chat_client import ChatClient, EndpointError
+from jvila.eval.chat_client import ChatClient, EndpointError
 
 ANSWERERS = ("strong", "weak")
 JUDGE = "fair-judge"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from jvila.cli import main
-from jvila.eval.mt_bench.chat_client import ChatClient
+from jvila.eval.chat_client import ChatClient
 from jvila.eval.mt_bench.data import (
     load_questions,
     load_reference_answers,

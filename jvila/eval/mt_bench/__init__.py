@@ -2,8 +2,8 @@
 following FastChat's llm_judge (github.com/lm-sys/FastChat, fastchat/llm_judge) in its prompts, sampling
 temperatures, judging rules, file formats and result tables.
 
-Modules: data (questions, judge prompts, reference answers), chat_client (OpenAI-compatible endpoints), answers
-(answer generation), verdicts (reading ratings and verdicts from judge text), judging (single and pairwise
+Modules: data (questions, judge prompts, reference answers), answers (answer generation through
+jvila.eval.chat_client), verdicts (reading ratings and verdicts from judge text), judging (single and pairwise
 grading), judgment_files (their JSONL formats), results (the tables), cli (`jvila eval mt-bench`).
 
 Where this differs from FastChat, on purpose:

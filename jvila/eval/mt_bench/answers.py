@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from jvila.eval.mt_bench.chat_client import EndpointError
+from jvila.eval.chat_client import EndpointError
 from jvila.eval.mt_bench.data import (
     DEFAULT_TEMPERATURE,
     TEMPERATURE_BY_CATEGORY,

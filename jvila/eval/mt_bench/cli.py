@@ -58,7 +58,7 @@ def _api_key(given: str | None) -> str | None:
 
 def _generate(args) -> int:
     from jvila.eval.mt_bench.answers import generate_answers
-    from jvila.eval.mt_bench.chat_client import ChatClient
+    from jvila.eval.chat_client import ChatClient
 
     client = ChatClient(args.base_url, args.model, api_key=_api_key(args.api_key), timeout_s=args.timeout)
     path = generate_answers(client.chat, _questions(args), output_dir=args.output, model_id=args.model_id or args.model,
@@ -69,7 +69,7 @@ def _generate(args) -> int:
 
 
 def _judge(args) -> int:
-    from jvila.eval.mt_bench.chat_client import ChatClient
+    from jvila.eval.chat_client import ChatClient
     from jvila.eval.mt_bench.data import load_judge_prompts, load_reference_answers
     from jvila.eval.mt_bench.judging import run_judgments
     from jvila.eval.mt_bench.judgment_files import answer_models

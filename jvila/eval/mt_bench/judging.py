@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from jvila.eval.mt_bench.answers import Chat, answer_path
-from jvila.eval.mt_bench.chat_client import EndpointError
+from jvila.eval.chat_client import EndpointError
 from jvila.eval.mt_bench.data import (
     JudgePrompt,
     MTBenchDataError,

@@ -1,6 +1,6 @@
 """A minimal OpenAI-compatible chat client (POST {base_url}/chat/completions) on the standard library.
 
-Both sides of MT-bench talk to a model this way: the model under test answers, and the judge grades. Any
+MT-bench and SORRY-Bench talk to models this way: the model under test answers, and the judge grades. Any
 OpenAI-compatible server works (ours by default: `jvila serve` listens on 127.0.0.1:8000). Busy or briefly
 unreachable servers are retried a few times; a request the server refuses (wrong model name, bad key, a prompt
 too long for its context) fails at once with the server's own message.
