@@ -162,7 +162,10 @@ class ServerThread:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((host, port))
         self.host, self.port = self._socket.getsockname()[:2]
-        config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on")
+        # log_config=None: an embedded server must not replace the host program's logging handlers
+        # (uvicorn's default config closes them, pytest's capture streams included).
+        config = uvicorn.Config(app, log_level=log_level, log_config=None, timeout_graceful_shutdown=5,
+                                lifespan="on")
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._socket]},
                                         name="jvila-http", daemon=True)
