@@ -12,7 +12,7 @@ from jvila.models import functional
 from jvila.models.attention import dense_attention
 from jvila.models.kv_cache import contiguous_cache
 from jvila.models.llm import LLM
-from serving.step import MIN_CONTEXT, StepBatch, StepRunner
+from serving.step import MIN_CONTEXT, StepBatch, StepRunner, page_bucket
 
 CFG = LLMConfig(vocab_size=83, hidden_size=32, intermediate_size=40, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=8)
@@ -253,3 +253,10 @@ def test_bad_batches_are_refused(split_model):
     runner.run(StepBatch(**ok))  # the unchanged batch is fine
     with pytest.raises(ValueError):
         StepRunner(graphdef, state, num_pages=0, page_size=PAGE, max_pages_per_seq=2)
+
+
+def test_page_bucket_has_two_widths_per_doubling():
+    widths = [page_bucket(n, 4) for n in range(1, 50)]
+    assert all(w >= max(n, 4) for n, w in zip(range(1, 50), widths))  # every row's pages fit
+    assert sorted(set(widths)) == [4, 6, 8, 12, 16, 24, 32, 48, 64]
+    assert page_bucket(9, 4) == 12 and page_bucket(13, 4) == 16 and page_bucket(3, 8) == 8
