@@ -125,6 +125,10 @@ def test_unknown_adapter_and_unloading_one_in_use_are_refused(split_model):
                     adapters=store)
     with pytest.raises(UnknownAdapter, match="'nope'"):
         engine.add_request(Request("x", [1, 2, 3], adapter="nope"))
+    engine.add_request(Request("z", [1, 2, 3], adapter="a"))
+    assert engine.adapters.requests_using("a") == 1
+    engine.abort("z")  # while waiting: the adapter is free again
+    assert engine.adapters.requests_using("a") == 0 and [o.request_id for o in engine.step()] == ["z"]
     engine.add_request(Request("y", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True), adapter="a"))
     with pytest.raises(AdapterInUse, match="1 request"):
         engine.adapters.remove("a")  # waiting
