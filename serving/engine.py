@@ -263,9 +263,13 @@ class Engine:
                 if self.adapters is not None:
                     # The adapter first, then the KV; idle adapters make room for either.
                     cached = []
-                    needed = self.allocator.pages_needed(seq.tokens, cacheable_len=seq.cacheable_len)
+                    # KV pages are shared only between requests of the same adapter (or the base).
+                    namespace = self.adapters.prefix_namespace(request)
+                    needed = self.allocator.pages_needed(seq.tokens, cacheable_len=seq.cacheable_len,
+                                                         namespace=namespace)
                     if not self.adapters.admit(request, lambda: cached.append(self.allocator.allocate(
-                            request.request_id, seq.tokens, cacheable_len=seq.cacheable_len)), needed):
+                            request.request_id, seq.tokens, cacheable_len=seq.cacheable_len,
+                            namespace=namespace)), needed):
                         return False
                     num_cached = cached[0]
                 else:

@@ -49,6 +49,12 @@ def _page_key(parent_key: bytes, tokens) -> bytes:
     return hashlib.sha256(parent_key + np.asarray(tokens, dtype=np.int64).tobytes()).digest()
 
 
+def _root_key(namespace: str) -> bytes:
+    """Where a sequence's key chain starts. Equal tokens under different weights (a LoRA adapter
+    and its base model) have different KV, so each namespace chains from its own root."""
+    return _ROOT_KEY if not namespace else hashlib.sha256(_ROOT_KEY + namespace.encode()).digest()
+
+
 @dataclasses.dataclass
 class _Sequence:
     pages: list[int]
@@ -56,6 +62,7 @@ class _Sequence:
     committed: list[int]  # token ids whose KV is written, in order
     keys: list[bytes]  # keys of the leading full committed pages that may be shared
     cacheable_len: int | None  # no page reaching past this many tokens is ever shared (media)
+    root: bytes = _ROOT_KEY  # its namespace's chain root (see _root_key)
     raw: bool = False  # pages handed out by allocate_raw: no tokens, no sharing
 
 
@@ -126,9 +133,9 @@ class PageAllocator:
 
     # ---- planning without changing anything ----------------------------------------------------
 
-    def pages_needed(self, prompt_ids, cacheable_len: int | None = None) -> int:
-        """Fresh pages `allocate(..., prompt_ids, cacheable_len)` would take from the free count now."""
-        hits = self._prefix_hits(prompt_ids, cacheable_len)
+    def pages_needed(self, prompt_ids, cacheable_len: int | None = None, namespace: str = "") -> int:
+        """Fresh pages `allocate(..., prompt_ids, cacheable_len, namespace)` would take from the free count now."""
+        hits = self._prefix_hits(prompt_ids, cacheable_len, _root_key(namespace))
         revived = sum(1 for p in hits if self._refs[p] == 0)  # cached pages leave the free count too
         return self._pages_for(len(prompt_ids)) - len(hits) + revived
 
@@ -139,13 +146,15 @@ class PageAllocator:
 
     # ---- sequences -----------------------------------------------------------------------------
 
-    def allocate(self, seq_id: str, prompt_ids, cacheable_len: int | None = None) -> int:
+    def allocate(self, seq_id: str, prompt_ids, cacheable_len: int | None = None, namespace: str = "") -> int:
         """Reserve pages for the whole prompt, sharing cached full pages of the same prefix.
 
         Returns how many leading prompt tokens already have valid KV: a multiple of page_size and
         always less than len(prompt_ids), so the last prompt token is recomputed for its logits.
         cacheable_len (default: all) stops sharing, both ways, at that many tokens (e.g. the first
         media position, whose KV depends on embeddings, not on token ids).
+        namespace: pages are shared only between sequences of the same namespace (the weights that
+        computed them: "" for the base model, an adapter's name for its requests).
         """
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already holds pages")
@@ -154,7 +163,8 @@ class PageAllocator:
             raise ValueError("a sequence needs at least one prompt token")
         if cacheable_len is not None and cacheable_len < 0:
             raise ValueError(f"cacheable_len must be non-negative, got {cacheable_len}")
-        hits = self._prefix_hits(prompt_ids, cacheable_len)
+        root = _root_key(namespace)
+        hits = self._prefix_hits(prompt_ids, cacheable_len, root)
         fresh = self._pages_for(len(prompt_ids)) - len(hits)
         revived = sum(1 for p in hits if self._refs[p] == 0)
         if fresh + revived > self.num_free:
@@ -167,7 +177,7 @@ class PageAllocator:
         pages = list(hits) + [self._take_fresh_page() for _ in range(fresh)]
         num_cached = len(hits) * self.page_size
         self._seqs[seq_id] = _Sequence(pages=pages, num_tokens=len(prompt_ids), committed=prompt_ids[:num_cached],
-                                       keys=keys, cacheable_len=cacheable_len)
+                                       keys=keys, cacheable_len=cacheable_len, root=root)
         self._prefix_hit_tokens += num_cached
         self._prefix_lookup_tokens += len(prompt_ids)
         return num_cached
@@ -206,7 +216,7 @@ class PageAllocator:
         # Keys chain page by page; a page past an unshareable one is never shared either.
         while len(seq.keys) < limit // self.page_size:
             i = len(seq.keys)
-            parent = seq.keys[-1] if seq.keys else _ROOT_KEY
+            parent = seq.keys[-1] if seq.keys else seq.root
             key = _page_key(parent, seq.committed[i * self.page_size:(i + 1) * self.page_size])
             seq.keys.append(key)
             page = seq.pages[i]
@@ -231,7 +241,7 @@ class PageAllocator:
             self._incref(page)
         self._seqs[child_id] = _Sequence(pages=list(parent.pages), num_tokens=parent.num_tokens,
                                          committed=list(parent.committed), keys=list(parent.keys),
-                                         cacheable_len=parent.cacheable_len)
+                                         cacheable_len=parent.cacheable_len, root=parent.root)
 
     def free(self, seq_id: str) -> None:
         """Release the sequence's pages; full keyed pages stay cached until evicted."""
@@ -268,13 +278,13 @@ class PageAllocator:
         # Only the slots after num_tokens get written; they lie in the last page only when it is partly filled.
         return n > 0 and seq.num_tokens % self.page_size != 0 and self._refs[seq.pages[-1]] > 1
 
-    def _prefix_hits(self, prompt_ids, cacheable_len: int | None) -> list[int]:
+    def _prefix_hits(self, prompt_ids, cacheable_len: int | None, root: bytes) -> list[int]:
         """Cached pages holding the prompt's leading full pages (never the page of its last token)."""
         usable = len(prompt_ids) - 1  # the last token is always recomputed for its logits
         if cacheable_len is not None:
             usable = min(usable, cacheable_len)
         hits = []
-        key = _ROOT_KEY
+        key = root
         for i in range(usable // self.page_size):
             key = _page_key(key, prompt_ids[i * self.page_size:(i + 1) * self.page_size])
             page = self._cached.get(key)

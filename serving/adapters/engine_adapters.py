@@ -40,14 +40,30 @@ class EngineAdapters:
         self.resident = ResidentAdapters(self.geometry, allocator, write_pages)
         self.sequence_pages = sequence_pages
         self._requests: collections.Counter[str] = collections.Counter()  # waiting or running, per adapter
+        # Each load of a name gets a fresh number: cached KV pages of an unloaded adapter must never
+        # serve a later adapter loaded under the same name.
+        self._loads = 0
+        self._load_ids: dict[str, int] = {}
         for name in store.names:
             self._check_fits(name, store.get(name))
+            self._new_load(name)
 
     # ---- names ---------------------------------------------------------------------------------
 
     def add(self, name: str, adapter: StoredAdapter) -> None:
         self._check_fits(name, adapter)
         self.store.add(name, adapter)
+        self._new_load(name)
+
+    def _new_load(self, name: str) -> None:
+        self._loads += 1
+        self._load_ids[name] = self._loads
+
+    def prefix_namespace(self, request: Request) -> str:
+        """The page allocator's sharing namespace of a request: KV is shared only under the same weights."""
+        if request.adapter is None:
+            return ""
+        return f"{request.adapter}#{self._load_ids[request.adapter]}"
 
     def _check_fits(self, name: str, adapter: StoredAdapter) -> None:
         # An adapter that cannot share the pool with one full-length sequence would never be served.
@@ -64,6 +80,7 @@ class EngineAdapters:
                                "unload it when they have finished")
         self.resident.drop(name)
         self.store.remove(name)
+        del self._load_ids[name]
 
     def requests_using(self, name: str) -> int:
         return self._requests[name]

@@ -33,8 +33,8 @@ class SimulatedEngine:
             self.pool[table[pos // ps]][pos % ps] = tuple(seq)
         self.alloc.commit(seq_id, tokens)
 
-    def start(self, seq_id, prompt, cacheable_len=None, chunks=1):
-        num_cached = self.alloc.allocate(seq_id, prompt, cacheable_len)
+    def start(self, seq_id, prompt, cacheable_len=None, chunks=1, namespace=""):
+        num_cached = self.alloc.allocate(seq_id, prompt, cacheable_len, namespace=namespace)
         self.tokens[seq_id] = list(prompt[:num_cached])
         rest = prompt[num_cached:]
         step = max(1, -(-len(rest) // chunks))
@@ -160,6 +160,20 @@ def test_pages_past_the_cacheable_length_are_never_shared():
     eng.start("media", prompt, cacheable_len=5)  # media from position 5: pages 1.. depend on embeddings
     eng.free("media")
     assert eng.start("text", prompt) == 4
+    eng.check()
+
+
+def test_pages_are_shared_only_within_a_namespace():
+    # Equal tokens under other weights (a LoRA adapter, its base) have other KV: never shared across.
+    alloc = PageAllocator(num_pages=16, page_size=4)
+    eng = SimulatedEngine(alloc)
+    prompt = list(range(40, 50))
+    assert eng.start("base", prompt) == 0
+    assert alloc.pages_needed(prompt, namespace="adapter#1") == 3
+    assert eng.start("lora", prompt, namespace="adapter#1") == 0
+    assert eng.start("lora-again", prompt, namespace="adapter#1") == 8
+    assert eng.start("base-again", prompt) == 8
+    assert set(alloc.page_table("lora-again")[:2]).isdisjoint(alloc.page_table("base-again")[:2])
     eng.check()
 
 
