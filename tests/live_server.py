@@ -11,6 +11,11 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import tokenizers
@@ -153,3 +158,24 @@ def read_metrics(server: ServerThread, timeout_s: float = 30.0) -> dict[str, flo
         assert name and not name.startswith("#"), line
         samples[name] = float(value)
     return samples
+
+
+def start_serve_process(args):
+    """`jvila serve ARGS` in a child process (one CPU device, not the suite's eight).
+
+    Returns (process, stderr lines so far, an Event set once uvicorn listens).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen([sys.executable, "-m", "jvila.cli", "serve", *args], stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=Path(__file__).resolve().parents[1])
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read_log():
+        for line in proc.stderr:
+            lines.append(line)
+            if "Uvicorn running on" in line:
+                ready.set()
+
+    threading.Thread(target=read_log, daemon=True).start()
+    return proc, lines, ready

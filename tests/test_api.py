@@ -6,14 +6,13 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 import jvila
 import nvila_fixture as fx
 from jvila.cli import main
 from jvila.processing.errors import MediaError
-from tiny_hf import randomize
+from tiny_hf import randomize, transformers_greedy
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +33,6 @@ def text_dir(tmp_path_factory):
 def nvila_dir(tmp_path_factory):
     parts = fx.build_nvila_parts()
     return parts, fx.write_nvila_dir(parts, tmp_path_factory.mktemp("nvila") / "NVILA-tiny")
-
-
-@torch.no_grad()
-def transformers_greedy(model, ids, steps, stop_ids):
-    out, ids = [], list(ids)
-    for _ in range(steps):
-        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-        out.append(token)
-        if token in stop_ids:
-            break
-        ids.append(token)
-    return out
 
 
 def test_text_model_loads_and_generates_like_transformers(text_dir):

@@ -78,3 +78,16 @@ def to_jvila(hf_model, **dtypes):
 
 def random_tokens(vocab: int, shape, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+@torch.no_grad()
+def transformers_greedy(model, ids, steps, stop_ids):
+    """Greedy tokens of a PyTorch causal LM, whole sequence each step (no cache), up to a stop id."""
+    out, ids = [], list(ids)
+    for _ in range(steps):
+        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        out.append(token)
+        if token in stop_ids:
+            break
+        ids.append(token)
+    return out

@@ -6,22 +6,10 @@ import peft
 import pytest
 import torch
 import transformers
-from tiny_hf import randomize
+from tiny_hf import randomize, transformers_greedy
 
 import jvila
 from jvila.models.lora import AdapterError
-
-
-@torch.no_grad()
-def transformers_greedy(model, ids, steps, stop_ids):
-    out, ids = [], list(ids)
-    for _ in range(steps):
-        token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-        out.append(token)
-        if token in stop_ids:
-            break
-        ids.append(token)
-    return out
 
 
 def test_load_adapter_and_generate_like_peft(tmp_path):

@@ -11,12 +11,9 @@ import base64
 import http.client
 import io
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 
 import numpy as np
@@ -34,6 +31,7 @@ from live_server import (
     raw_request,
     read_metrics,
     reference_greedy,
+    start_serve_process,
     tiny_model,
     tiny_tokenizer,
 )
@@ -494,21 +492,8 @@ def test_jvila_serve_command_end_to_end(tmp_path):
     (model_dir / "tokenizer.json").write_text(backend)
     (model_dir / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": "<|im_end|>", "chat_template": tokenizer.chat_template}))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.Popen([sys.executable, "-m", "jvila.cli", "serve", "--model", str(model_dir), "--served-name",
-                             "tiny", "--port", "0", "--num-pages", "40", "--page-size", "8", "--scheduler", "fcfs"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    log_lines: list[str] = []
-    ready = threading.Event()
-
-    def read_log():
-        for line in proc.stderr:
-            log_lines.append(line)
-            if "Uvicorn running on" in line:
-                ready.set()
-
-    reader = threading.Thread(target=read_log, daemon=True)
-    reader.start()
+    proc, log_lines, ready = start_serve_process(["--model", str(model_dir), "--served-name", "tiny", "--port", "0",
+                                                  "--num-pages", "40", "--page-size", "8", "--scheduler", "fcfs"])
     try:
         assert ready.wait(180), "".join(log_lines)[-3000:]
         url = re.search(r"Uvicorn running on (http://\S+)", "".join(log_lines)).group(1)
@@ -523,5 +508,4 @@ def test_jvila_serve_command_end_to_end(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-        reader.join(10)
     assert code == 0, "".join(log_lines)[-3000:]

@@ -11,42 +11,19 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
-import threading
-from pathlib import Path
 
 import jax
 import numpy as np
 import peft
-from live_server import reference_greedy, tiny_model, tiny_tokenizer
+from live_server import reference_greedy, start_serve_process, tiny_model, tiny_tokenizer
 from test_lora_server import ALL_MODULES, peft_adapter, post
 
 from jvila.checkpoints.peft_adapter import save_peft
 from jvila.models.lora import LoraConfig
 from jvila.models.lora_train import train_lora
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def start_server(args, env):
-    proc = subprocess.Popen([sys.executable, "-m", "jvila.cli", "serve", *args], stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read_log():
-        for line in proc.stderr:
-            lines.append(line)
-            if "Uvicorn running on" in line:
-                ready.set()
-
-    threading.Thread(target=read_log, daemon=True).start()
-    return proc, lines, ready
-
 
 def test_trained_adapter_is_loaded_by_a_running_server_and_serves_what_it_learned(tmp_path):
     tokenizer = tiny_tokenizer()
@@ -59,11 +36,10 @@ def test_trained_adapter_is_loaded_by_a_running_server_and_serves_what_it_learne
     root.mkdir()
     pre_ref = peft_adapter(hf, tmp_path / "pre", rank=8, targets=ALL_MODULES, seed=5)
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc, lines, ready = start_server(
+    proc, lines, ready = start_serve_process(
         ["--model", str(model_dir), "--served-name", "tiny", "--port", "0", "--num-pages", "200", "--page-size", "8",
          "--max-context", "128", "--scheduler", "fcfs", "--lora", f"pre={tmp_path / 'pre'}", "--max-lora-rank", "16",
-         "--lora-root", str(root)], env)
+         "--lora-root", str(root)])
     try:
         # Train while the server starts: prompt → a fixed random continuation, the base model frozen.
         rng = np.random.default_rng(0)
