@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -179,3 +180,13 @@ def start_serve_process(args):
 
     threading.Thread(target=read_log, daemon=True).start()
     return proc, lines, ready
+
+
+def stop_serve_process(proc) -> int:
+    """Ctrl-C the child `jvila serve` as a user would; its exit code (killed if it hangs)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise

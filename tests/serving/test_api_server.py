@@ -12,8 +12,6 @@ import http.client
 import io
 import json
 import re
-import signal
-import subprocess
 import time
 
 import numpy as np
@@ -32,6 +30,7 @@ from live_server import (
     read_metrics,
     reference_greedy,
     start_serve_process,
+    stop_serve_process,
     tiny_model,
     tiny_tokenizer,
 )
@@ -502,10 +501,5 @@ def test_jvila_serve_command_end_to_end(tmp_path):
         ids, _ = reference_greedy(hf, chat_ids(tokenizer, [USER]), 6, tokenizer.eos_ids)
         assert response.choices[0].message.content == tokenizer.decode(ids)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        code = stop_serve_process(proc)
     assert code == 0, "".join(log_lines)[-3000:]

@@ -12,13 +12,11 @@ from __future__ import annotations
 import copy
 import json
 import re
-import signal
-import subprocess
 
 import jax
 import numpy as np
 import peft
-from live_server import reference_greedy, start_serve_process, tiny_model, tiny_tokenizer
+from live_server import reference_greedy, start_serve_process, stop_serve_process, tiny_model, tiny_tokenizer
 from test_lora_server import ALL_MODULES, peft_adapter, post
 
 from jvila.checkpoints.peft_adapter import save_peft
@@ -80,10 +78,5 @@ def test_trained_adapter_is_loaded_by_a_running_server_and_serves_what_it_learne
         base_ids, _ = reference_greedy(hf, prompt, 5)
         assert base_ids != target and complete("tiny") == tokenizer.decode(base_ids, skip_special_tokens=True)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        code = stop_serve_process(proc)
     assert code == 0, "".join(lines)[-3000:]
