@@ -29,7 +29,7 @@ def _reports_bad_input(run):
     return wrapped
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -140,16 +140,16 @@ def _add_sorry_bench(benchmarks) -> None:
                        help="where answers and judgments are written as JSONL (default %(default)s)")
     sorry.add_argument("--prompt-style", action="append", default=None, metavar="STYLE",
                        help="prompt styles to run: base or a mutation name (repeat; default: every style in --data)")
-    sorry.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+    sorry.add_argument("--limit", type=positive_int, default=None, metavar="N",
                        help="only the first N questions of each prompt style")
     sorry.add_argument("--temperature", type=float, default=0.7,
                        help="answer sampling temperature (default %(default)s, FastChat's default)")
     sorry.add_argument("--seed", type=int, default=None,
                        help="sample each question with seed + its question_id (reproducible runs)")
     sorry.add_argument("--max-tokens", type=int, default=1024, help="answer length limit (default %(default)s)")
-    sorry.add_argument("--judge-max-tokens", type=_positive_int, default=1024,
+    sorry.add_argument("--judge-max-tokens", type=positive_int, default=1024,
                        help="judge answer length limit; the score is its leading number (default %(default)s)")
-    sorry.add_argument("--parallel", type=_positive_int, default=8,
+    sorry.add_argument("--parallel", type=positive_int, default=8,
                        help="requests in flight at once; servers batch them (default %(default)s)")
     sorry.add_argument("--heatmap", default=None, metavar="OUT.png",
                        help="also draw the fulfillment rates as a category × prompt style heatmap")

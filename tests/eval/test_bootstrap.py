@@ -6,6 +6,8 @@ import random
 import numpy as np
 import pytest
 
+from styled_battles import random_styled_battles
+
 from jvila.eval.battles import Battle
 from jvila.eval.bootstrap import (bootstrap_bt, bootstrap_elo, bootstrap_style_controlled_bt, intervals,
                                   ranks_from_intervals)
@@ -64,14 +66,7 @@ def test_elo_bootstrap_centres_on_the_stronger_models():
 
 
 def test_style_controlled_bootstrap_runs_on_resampled_battles():
-    rng = random.Random(3)
-    battles = []
-    for t in range(120):
-        a, b = rng.sample(["x", "y", "z"], 2)
-        meta = {f"{key}_{side}": rng.randint(0, 50) for side in "ab" for key in ("header_count", "list_count",
-                                                                                  "bold_count")}
-        meta.update(sum_assistant_a_tokens=rng.randint(10, 900), sum_assistant_b_tokens=rng.randint(10, 900))
-        battles.append(Battle(a, b, rng.choice(["model_a", "model_b", "tie"]), float(t), meta))
+    battles = random_styled_battles(3, 120, max_markdown=50)
     models, samples = bootstrap_style_controlled_bt(battles, 8, seed=1)
     assert sorted(models) == ["x", "y", "z"] and samples.shape == (8, 3)
     assert np.all(np.isfinite(samples)) and np.all(samples.std(axis=0) > 0)

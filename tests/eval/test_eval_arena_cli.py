@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from jvila.cli import main
+from styled_battles import random_styled_battles
+
 from jvila.eval.battles import Battle, write_battles
 from jvila.eval.bradley_terry import bt_ratings
 from jvila.eval.elo import elo_ratings
@@ -148,14 +150,7 @@ def test_cli_prints_the_leaderboard_and_draws_it(tmp_path, capsys):
 
 
 def test_cli_style_control(tmp_path, capsys):
-    rng = random.Random(6)
-    battles = []
-    for t in range(150):
-        a, b = rng.sample(["x", "y", "z"], 2)
-        meta = {f"{key}_{side}": rng.randint(0, 9) for side in "ab" for key in ("header_count", "list_count",
-                                                                                 "bold_count")}
-        meta.update(sum_assistant_a_tokens=rng.randint(10, 900), sum_assistant_b_tokens=rng.randint(10, 900))
-        battles.append(Battle(a, b, rng.choice(["model_a", "model_b", "tie"]), float(t), meta))
+    battles = random_styled_battles(6, 150, max_markdown=9)
     path = tmp_path / "styled.jsonl"
     write_battles(battles, path)
     assert main(["eval", "arena", str(path), "--style-control", "--bootstrap", "5"]) == 0

@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from jvila.eval.cli import positive_int
+
 log = logging.getLogger("jvila")
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # `jvila serve` with its defaults
@@ -28,13 +30,6 @@ def _question_ids(text: str) -> list[int]:
     if not ids:
         raise argparse.ArgumentTypeError("no question ids given")
     return ids
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _temperature(text: str) -> float:
@@ -136,9 +131,9 @@ def _common(parser, *, questions: bool = True) -> None:
     if questions:
         parser.add_argument("--question-ids", type=_question_ids, action="append", default=None, metavar="IDS",
                             help="only these questions, e.g. 81,111 (repeatable)")
-        parser.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+        parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
                             help="only the first N questions (after --question-ids)")
-        parser.add_argument("--parallel", type=_positive_int, default=1, metavar="N",
+        parser.add_argument("--parallel", type=positive_int, default=1, metavar="N",
                             help="requests in flight at once (default %(default)s)")
         parser.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
                             help="per request (default %(default)s)")
@@ -177,8 +172,8 @@ def add_mt_bench(benchmarks, wrap) -> None:
     gen.add_argument("--model-id", default=None, metavar="ID",
                      help="name of the answers (the answer file's name; default: --model)")
     gen.add_argument("--api-key", default=None, help=_KEY_HELP)
-    gen.add_argument("--max-tokens", type=_positive_int, default=1024, help="per turn (default %(default)s)")
-    gen.add_argument("--num-choices", type=_positive_int, default=1, help="answers per question (the judge reads "
+    gen.add_argument("--max-tokens", type=positive_int, default=1024, help="per turn (default %(default)s)")
+    gen.add_argument("--num-choices", type=positive_int, default=1, help="answers per question (the judge reads "
                                                                           "the first; default %(default)s)")
     gen.add_argument("--force-temperature", type=_temperature, default=None, metavar="T",
                      help="one temperature for every question instead of FastChat's per-category ones")
@@ -194,7 +189,7 @@ def add_mt_bench(benchmarks, wrap) -> None:
     judge.add_argument("--judge-model", required=True, metavar="NAME",
                        help="judge model name sent to --judge-url; also names the judgment file")
     judge.add_argument("--judge-api-key", default=None, help=_KEY_HELP)
-    judge.add_argument("--judge-max-tokens", type=_positive_int, default=DEFAULT_JUDGE_MAX_TOKENS,
+    judge.add_argument("--judge-max-tokens", type=positive_int, default=DEFAULT_JUDGE_MAX_TOKENS,
                        help="judgment length limit (default %(default)s)")
     judge.add_argument("--judge-prompts", default=str(packaged_data_dir() / "judge_prompts.jsonl"), metavar="FILE",
                        help="FastChat's judge_prompts.jsonl (default: shipped)")
