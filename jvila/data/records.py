@@ -1,0 +1,173 @@
+"""Conversation records as LLaVA/VILA training files hold them, read and validated.
+
+A record (one JSON object per line of a .jsonl file, or the items of a .json list):
+
+    {"id": "...", "image": "a.jpg" | ["a.jpg", "b.jpg"], "video": "v.mp4",
+     "conversations": [{"from": "human"|"gpt"|"system", "value": "<image>\\nWhat is ...?"}, ...]}
+
+Image paths are relative to an image root (absolute paths stay as they are). OpenAI-style records
+are read too: {"id", "messages": [{"role", "content": str | [{"type": "text", "text"},
+{"type": "image", "image": path}]}], "images": [...]}; image parts become `<image>` placeholders.
+
+As LLaVA's `preprocess_multimodal` does, a record whose images have no `<image>` placeholder
+gets one per image at the start of its first user turn; a record with placeholders must have
+exactly as many as it has images. Every problem is a `RecordError` naming the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<vila/video>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class RecordError(ValueError):
+    """A training record that cannot be used; the message starts with the record's id."""
+
+    def __init__(self, record_id: Any, problem: str):
+        self.record_id = record_id
+        self.problem = problem
+        super().__init__(f"record {record_id!r}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    role: str  # "system", "user" or "assistant"
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """A validated record: its turns (placeholders in place) and media paths, resolved."""
+
+    id: str
+    turns: tuple[Turn, ...]
+    images: tuple[str, ...] = ()
+    videos: tuple[str, ...] = ()
+
+
+def read_record_file(path: str | os.PathLike) -> list[str]:
+    """The raw records of one file as JSON texts: each line of a .jsonl file (blank lines dropped), or
+    each item of a .json list. Lines are parsed later, one by one, so one malformed line is one bad
+    record, not a failed run."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no record file {path}")
+    if path.suffix == ".json":
+        try:
+            items = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); a .json record file holds one list") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path} must hold a JSON list of records, got {type(items).__name__}")
+        return [json.dumps(item) for item in items]
+    with open(path, encoding="utf-8") as lines:
+        return [line for line in (raw.strip() for raw in lines) if line]
+
+
+def parse_record(raw: str | dict, image_root: str | os.PathLike | None = None, *, fallback_id: Any = None) -> Record:
+    """Validate one raw record (its JSON text or the decoded object) and resolve its media paths."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise RecordError(fallback_id, f"not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise RecordError(fallback_id, f"a record is a JSON object, got {type(raw).__name__}")
+    record_id = raw.get("id", fallback_id)
+    record_id = str(record_id) if record_id is not None else None
+    if "messages" in raw and "conversations" not in raw:
+        turns, images = _openai_turns(record_id, raw)
+    else:
+        turns, images = _llava_turns(record_id, raw), _paths(record_id, raw.get("image"), "image")
+    videos = _paths(record_id, raw.get("video"), "video")
+    if not any(turn.role == "assistant" for turn in turns):
+        raise RecordError(record_id, "the conversation has no assistant turn: nothing to learn")
+    turns = _place_images(record_id, turns, len(images))
+    root = pathlib.Path(image_root) if image_root is not None else None
+    return Record(record_id, turns, tuple(_resolve(p, root) for p in images),
+                  tuple(_resolve(p, root) for p in videos))
+
+
+def _llava_turns(record_id, raw: dict) -> tuple[Turn, ...]:
+    conversations = raw.get("conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError(record_id, "needs a non-empty 'conversations' list (or OpenAI-style 'messages')")
+    turns = []
+    for i, message in enumerate(conversations):
+        if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+            raise RecordError(record_id, f"conversations[{i}] must be an object with a string 'value'")
+        role = ROLES.get(message.get("from"))
+        if role is None:
+            raise RecordError(record_id, f"conversations[{i}] has 'from' {message.get('from')!r}; "
+                              f"known: {sorted(ROLES)}")
+        turns.append(Turn(role, message["value"]))
+    return tuple(turns)
+
+
+def _openai_turns(record_id, raw: dict) -> tuple[tuple[Turn, ...], list]:
+    messages = raw["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RecordError(record_id, "'messages' must be a non-empty list")
+    images = list(_paths(record_id, raw.get("images", raw.get("image")), "image"))
+    turns = []
+    for i, message in enumerate(messages):
+        role = ROLES.get(message.get("role")) if isinstance(message, dict) else None
+        if role is None:
+            raise RecordError(record_id, f"messages[{i}] needs a role among {sorted(ROLES)}")
+        content = message.get("content")
+        if isinstance(content, str):
+            turns.append(Turn(role, content))
+            continue
+        if not isinstance(content, list):
+            raise RecordError(record_id, f"messages[{i}].content must be a string or a list of parts")
+        text = ""
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                text += part["text"]
+            elif kind in ("image", "image_url"):
+                value = part.get("image", part.get("path")) if kind == "image" else part.get("image_url")
+                value = value.get("url") if isinstance(value, dict) else value
+                if not isinstance(value, str):
+                    raise RecordError(record_id, f"messages[{i}] has an image part without a path")
+                images.append(value)
+                text += IMAGE_PLACEHOLDER
+            else:
+                raise RecordError(record_id, f"messages[{i}] has an unsupported content part {part!r:.80}")
+        turns.append(Turn(role, text))
+    return tuple(turns), images
+
+
+def _paths(record_id, value, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v for v in values):
+        raise RecordError(record_id, f"'{key}' must be a path or a list of paths")
+    return tuple(values)
+
+
+def _place_images(record_id, turns: tuple[Turn, ...], num_images: int) -> tuple[Turn, ...]:
+    count = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if count == num_images:
+        return turns
+    if count == 0:
+        first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+        if first_user is None:
+            raise RecordError(record_id, "has images but no user turn to put them in")
+        turn = turns[first_user]
+        placed = Turn(turn.role, f"{IMAGE_PLACEHOLDER}\n" * num_images + turn.text)
+        return turns[:first_user] + (placed,) + turns[first_user + 1:]
+    raise RecordError(record_id, f"has {count} {IMAGE_PLACEHOLDER} placeholders for {num_images} images")
+
+
+def _resolve(path: str, root: pathlib.Path | None) -> str:
+    p = pathlib.Path(path)
+    return str(p if p.is_absolute() or root is None else root / p)
