@@ -42,11 +42,32 @@ def assistant_mask(tokenizer: Tokenizer, messages: list[dict[str, str]], record_
     probe = [m | {"content": SENTINEL_TOKEN} if m["role"] == "assistant" else m for m in messages]
     template = tokenizer.encode(tokenizer.apply_chat_template(probe, add_generation_prompt=False),
                                 add_special_tokens=True)
+    # As VILA: if the first alignment fails, retry dropping the token before each sentinel as well
+    # (some tokenizers put an empty piece there that the reply's own first token absorbs).
+    for drop_before in (False, True):
+        mask = _align(ids, _without_sentinels(template, sentinel, drop_before))
+        if mask is not None:
+            break
+    else:
+        raise RecordError(record_id, "the chat template's rendering could not be aligned with the sentinel probe")
+    if not any(mask):
+        raise RecordError(record_id, "the assistant turns hold no tokens to learn")
+    return ids, mask
+
+
+def _without_sentinels(template: list[int], sentinel: int, drop_before: bool) -> list[int]:
     keep = np.ones(len(template), bool)
     for k, token in enumerate(template):
         if token == sentinel:
             keep[k:k + 2] = False  # the sentinel and the end-of-turn token the reply's learning includes
-    template = [t for t, kept in zip(template, keep) if kept]
+            if drop_before and k > 0:
+                keep[k - 1] = False
+    return [t for t, kept in zip(template, keep) if kept]
+
+
+def _align(ids: list[int], template: list[int]) -> list[int] | None:
+    """Walk both lists: tokens the template accounts for are not learned, the rest are; None when the
+    template is not a subsequence of the conversation."""
     mask, p = [], 0
     for token in ids:
         if p < len(template) and token == template[p]:
@@ -54,13 +75,7 @@ def assistant_mask(tokenizer: Tokenizer, messages: list[dict[str, str]], record_
             mask.append(0)
         else:
             mask.append(1)
-    if p != len(template):
-        # The template text is not a subsequence of the conversation: the chat template renders the
-        # assistant's text in a way the sentinel cannot stand in for.
-        raise RecordError(record_id, "the chat template's rendering could not be aligned with the sentinel probe")
-    if not any(mask):
-        raise RecordError(record_id, "the assistant turns hold no tokens to learn")
-    return ids, mask
+    return mask if p == len(template) else None
 
 
 def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int | None = None,
@@ -72,7 +87,8 @@ def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int
     turns = record.turns
     if images_per_placeholder is not None:
         turns = _expand_placeholders(turns, images_per_placeholder)
-    messages = [{"role": turn.role, "content": turn.text} for turn in turns]
+    # VILA strips every message before rendering it.
+    messages = [{"role": turn.role, "content": turn.text.strip()} for turn in turns]
     ids, mask = assistant_mask(tokenizer, messages, record.id)
     ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
     expected = sum(images_per_placeholder) if images_per_placeholder is not None else len(record.images)

@@ -21,7 +21,7 @@ import dataclasses
 import numpy as np
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # arrays inside: compared by identity
 class Example:
     """One tokenized conversation: ids, loss mask (1 = learned token) and its image tiles in order."""
 
