@@ -67,8 +67,12 @@ class FlopModel:
     projector_trains: bool = False
 
 
-def flop_model(cfg, flat_shapes: dict[str, tuple[int, ...]], trainable: dict[str, bool]) -> FlopModel:
-    """From the model config (LLMConfig or NVILAConfig), the flat param shapes and which params train."""
+def flop_model(cfg, flat_shapes: dict[str, tuple[int, ...]], trainable: dict[str, bool], *,
+               lora: bool = False) -> FlopModel:
+    """From the model config (LLMConfig or NVILAConfig), the flat param shapes and which params train.
+
+    `lora`: an adapter on the decoder trains (its own FLOPs are negligible at small ranks; gradients
+    flow through the whole decoder, its frozen weights get none)."""
     from jvila.vision_config import NVILAConfig
 
     def size(names):
@@ -81,12 +85,13 @@ def flop_model(cfg, flat_shapes: dict[str, tuple[int, ...]], trainable: dict[str
     prefix = "llm." if nvila else ""
     llm_cfg = cfg.llm if nvila else cfg
     llm_names = [n for n in flat_shapes if n.startswith(prefix)]
-    matmul = size(n for n in llm_names if not n.endswith("embed_tokens") and "embed_tokens." not in n)
+    matmul = size(n for n in llm_names if n != prefix + "embed")
     if llm_cfg.tie_embeddings:  # the head reuses the table, but its matmul still runs
         matmul += llm_cfg.vocab_size * llm_cfg.hidden_size
     llm_trains = trains(prefix) if nvila else any(trainable.values())
     if not nvila:
-        return FlopModel(llm=llm_cfg, llm_matmul_params=matmul, llm_trains=llm_trains, grads_reach_llm=llm_trains)
+        return FlopModel(llm=llm_cfg, llm_matmul_params=matmul, llm_trains=llm_trains,
+                         grads_reach_llm=llm_trains or lora)
     from jvila.models.nvila import image_token_count
 
     vision_names = [n for n in flat_shapes if n.startswith("vision_tower.")]
@@ -94,7 +99,7 @@ def flop_model(cfg, flat_shapes: dict[str, tuple[int, ...]], trainable: dict[str
     vision_trains, projector_trains = trains("vision_tower."), trains("projector.")
     return FlopModel(
         llm=llm_cfg, llm_matmul_params=matmul, llm_trains=llm_trains,
-        grads_reach_llm=llm_trains or vision_trains or projector_trains,
+        grads_reach_llm=llm_trains or vision_trains or projector_trains or lora,
         image_token_id=cfg.image_token_id, image_tokens=image_token_count(cfg),
         vision_matmul_params=vision_matmul, vision_heads_dim=cfg.vision.hidden_size,
         vision_layers=cfg.vision.num_layers, patches=cfg.vision.grid_size ** 2,

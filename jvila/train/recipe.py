@@ -249,6 +249,11 @@ def _convert(typ, value, where: str):
             raise RecipeError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if typ is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string: YAML 1.1 floats need one
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{where} must be a number, got {value!r}")
         return float(value)
@@ -286,6 +291,10 @@ def validate(recipe: Recipe) -> None:
                         ("checkpoint.keep", ckpt.keep)):
         if value < 1:
             raise RecipeError(f"{name} must be at least 1, got {value}")
+    rows = getattr(recipe.data, "global_batch_size", None)
+    if rows is not None and rows % train.grad_accum:
+        raise RecipeError(f"train.grad_accum {train.grad_accum} does not divide data.global_batch_size {rows} "
+                          "(the global batch is split into that many microbatches)")
     _choice("train.remat", train.remat, REMAT_POLICIES)
     _choice("train.compute_dtype", train.compute_dtype, DTYPES)
     _choice("train.attention", train.attention, ATTENTIONS)
@@ -320,6 +329,8 @@ def validate(recipe: Recipe) -> None:
     except ValueError as err:
         raise RecipeError(f"mesh: {err}") from None
     _validate_stage(recipe.stage)
+    if recipe.lora is not None and recipe.stage != "all":
+        raise RecipeError("lora trains an adapter over a frozen base model: leave stage at 'all' (its default)")
 
 
 def _choice(name, value, choices):
