@@ -283,6 +283,15 @@ class TrainIterator(grain.DatasetIterator):
         self._parent.close()
 
 
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags; outside an absl app nothing has parsed them, so take
+    their defaults (absl's own way to say so) instead of failing on the first read."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def build_train_iterator(cfg: DataConfig, tokenizer, media_settings=None, nvila_config=None, *,
                          process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
     """An iterator of this process's batches: global_batch_size / process_count rows each.
@@ -332,6 +341,7 @@ def build_train_iterator(cfg: DataConfig, tokenizer, media_settings=None, nvila_
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.read_threads)
     examples = dataset.to_iter_dataset(read)
     if cfg.num_workers > 0:
+        _absl_flags_parsed()
         examples = examples.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
