@@ -215,6 +215,8 @@ def write_demo_dataset(directory, *, num_train: int = 2000, num_eval: int = 200,
 def demo_corpus() -> list[str]:
     """Every phrase the demo's conversations use, and the chat template's fixed text."""
     lines = [SYSTEM_PROMPT, "system", "user", "assistant", *QUESTIONS.values(), *PHOTO_QUESTIONS]
+    # Replies start a line (after "assistant\n"): each one-word answer on its own, so it is one token.
+    lines += [*COLOURS, *NUMBER_WORDS, "left", "right", "top", "bottom"]
     for colour in COLOURS:
         for kind in SHAPES:
             lines.append(f"a {colour} {kind}")
