@@ -21,45 +21,51 @@ from jvila.models.lora import LoraWeights, packed_context, padded_batch_context
 
 def hidden_states(graphdef, state, tokens, *, attention: Attention, positions=None, segment_ids=None,
                   input_embeddings=None, lora: LoraWeights | None = None, token_adapters=None,
-                  lora_dropout: float = 0.0, dropout_key=None):
+                  lora_dropout: float = 0.0, dropout_key=None, remat: str = "none"):
     """Cache-free forward: tokens [batch, seq] → final hidden states [batch, seq, hidden].
 
     `input_embeddings`, if given, replaces the token embeddings (media are spliced in there).
     `token_adapters`: [batch, seq] (per token) or [batch] (per row); None with one adapter = all use it.
     `dropout_key` (training) turns on LoRA dropout at rate `lora_dropout`.
+    `remat` names a `sharding.remat` policy applied to each decoder layer (training).
     """
     model = nnx.merge(graphdef, state)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     x = model.embed_tokens(tokens) if input_embeddings is None else input_embeddings
     if lora is None:
-        hidden, _ = model(x, positions=positions, attention=attention, segment_ids=segment_ids)
+        hidden, _ = model(x, positions=positions, attention=attention, segment_ids=segment_ids, remat=remat)
         return hidden
     # Gradients flow through the kernels' jnp paths only: the Pallas kernels have no VJP.
     context = padded_batch_context(lora, token_adapters, *tokens.shape, dropout_rate=lora_dropout,
                                    dropout_key=dropout_key,
                                    implementation=None if jax.default_backend() == "cpu" else "xla")
-    hidden, _ = model(x, positions=positions, attention=attention, segment_ids=segment_ids, lora=context)
+    hidden, _ = model(x, positions=positions, attention=attention, segment_ids=segment_ids, lora=context,
+                      remat=remat)
     return hidden
 
 
 def logits(graphdef, state, tokens, *, attention: Attention, positions=None, segment_ids=None,
-           lora: LoraWeights | None = None, token_adapters=None, lora_dropout: float = 0.0, dropout_key=None):
+           input_embeddings=None, lora: LoraWeights | None = None, token_adapters=None, lora_dropout: float = 0.0,
+           dropout_key=None, remat: str = "none"):
     """Cache-free forward: tokens [batch, seq] → float32 logits [batch, seq, vocab]."""
     hidden = hidden_states(graphdef, state, tokens, attention=attention, positions=positions,
-                           segment_ids=segment_ids, lora=lora, token_adapters=token_adapters,
-                           lora_dropout=lora_dropout, dropout_key=dropout_key)
+                           segment_ids=segment_ids, input_embeddings=input_embeddings, lora=lora,
+                           token_adapters=token_adapters, lora_dropout=lora_dropout, dropout_key=dropout_key,
+                           remat=remat)
     return nnx.merge(graphdef, state).logits(hidden)
 
 
 def loss(graphdef, state, tokens, targets, weights, *, attention: Attention, positions=None, segment_ids=None,
-         lora: LoraWeights | None = None, token_adapters=None, lora_dropout: float = 0.0, dropout_key=None):
+         input_embeddings=None, lora: LoraWeights | None = None, token_adapters=None, lora_dropout: float = 0.0,
+         dropout_key=None, remat: str = "none"):
     """Weighted mean next-token cross-entropy. targets/weights [batch, seq]; weight 0 = ignored.
 
     Differentiable w.r.t. `lora` as well as `state` (train an adapter alone: grad w.r.t. `lora`).
     """
     lg = logits(graphdef, state, tokens, attention=attention, positions=positions, segment_ids=segment_ids,
-                lora=lora, token_adapters=token_adapters, lora_dropout=lora_dropout, dropout_key=dropout_key)
+                input_embeddings=input_embeddings, lora=lora, token_adapters=token_adapters,
+                lora_dropout=lora_dropout, dropout_key=dropout_key, remat=remat)
     log_probs = jax.nn.log_softmax(lg, axis=-1)
     nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     weights = weights.astype(jnp.float32)

@@ -165,6 +165,7 @@ class LLM(nnx.Module):
         cu_q_lens: jax.Array | None = None,
         token_slots: jax.Array | None = None,
         lora: LoraContext | None = None,
+        remat: str = "none",
     ) -> tuple[jax.Array, KVCache | None]:
         """embeddings [batch, seq, hidden] → final-normed hidden states, and the updated cache.
 
@@ -175,6 +176,7 @@ class LLM(nnx.Module):
         (see `jvila.models.attention`), and `num_new` is not used.
         `lora` adds the adapters it carries to each token of the flattened [batch * seq] tokens
         (see `jvila.models.lora`); None runs the base model alone.
+        `remat` (training, no cache) wraps each layer in the named `sharding.remat` policy.
         """
         mask_info = MaskInfo(positions=positions, segment_ids=segment_ids)
         cache_info = None
@@ -183,10 +185,16 @@ class LLM(nnx.Module):
                                    cu_q_lens=cu_q_lens, token_slots=token_slots)
         elif cache is not None:
             cache_info = CacheInfo(page_table=cache.page_table, kv_lengths=cache.lengths + num_new)
+        if remat != "none" and cache is not None:
+            raise ValueError("remat applies to cache-free (training) forwards only")
         x = embeddings.astype(self.compute_dtype)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             pages = None if cache is None else (cache.k_pages[i], cache.v_pages[i])
+            if remat != "none":
+                x, pages = _rematerialized_layer(layer, x, remat, attention=attention, mask_info=mask_info,
+                                                 lora=None if lora is None else lora.layer(i)), None
+                continue
             x, pages = layer(
                 x, attention=attention, mask_info=mask_info, cache_info=cache_info, pages=pages, num_new=num_new,
                 lora=None if lora is None else lora.layer(i),
@@ -204,3 +212,19 @@ class LLM(nnx.Module):
         if self.config.tie_embeddings:
             return jnp.einsum("...e,ve->...v", hidden, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
         return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+
+
+def _rematerialized_layer(layer: DecoderLayer, x, policy: str, **kwargs):
+    """One cache-free decoder layer under `jax.checkpoint` with the named policy (see `sharding.remat`).
+
+    The layer's parameters go in as an explicit argument so the backward pass recomputes from them;
+    the layer is split and merged at trace time only.
+    """
+    from sharding.remat import rematerialized  # sharding imports the models: a module-level import would cycle
+
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x):
+        return nnx.merge(graphdef, state)(x, cache_info=None, pages=None, num_new=None, **kwargs)[0]
+
+    return rematerialized(run, policy)(state, x)
