@@ -68,6 +68,30 @@ def _serve(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from jvila.train.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if args.check:
+            print(f"{args.recipe}: valid ({recipe.train.steps} steps, stage {recipe.stage!r}, "
+                  f"output {recipe.output_dir})")
+            return 0
+        from jvila.train.loop import train
+
+        summary = train(recipe)
+    except (RecipeError, FileNotFoundError) as e:
+        print(f"jvila: error: {e}", file=sys.stderr)
+        return 2
+    if summary.losses:
+        last = max(summary.losses)
+        print(f"trained steps {summary.start_step + 1}-{summary.final_step}: loss {summary.losses[last]:.4f} "
+              f"at step {last}")
+    if summary.export_dir is not None:
+        print(f"exported to {summary.export_dir}")
+    return 0
+
+
 def _lora_options(args):
     """LoraOptions from --lora NAME=PATH ..., --max-lora-rank, --lora-root; None when none is given."""
     if not args.lora and args.lora_root is None:
@@ -164,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON/YAML list of {name, model, system?, temperature?} (default: every served model; "
                           "the Arena needs two)")
     srv.set_defaults(run=_serve)
+
+    trn = sub.add_parser("train", help="train with a YAML recipe (see recipes/); resumes from its latest checkpoint")
+    trn.add_argument("recipe", help="a recipe file, e.g. recipes/nvila_image_sft.yaml")
+    trn.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="override recipe keys, values as YAML (train.steps=20 optimizer.learning_rate=1e-4)")
+    trn.add_argument("--check", action="store_true", help="validate the recipe and exit without training")
+    trn.set_defaults(run=_train)
 
     from jvila.eval.cli import add_parser as add_eval_parser
     add_eval_parser(sub)

@@ -106,7 +106,9 @@ class TrainCheckpointer:
 
     def __init__(self, directory, *, every: int, keep: int, async_save: bool = True):
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # A run killed mid-save leaves a temporary directory: removed when the run restarts.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                               cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(), options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": IteratorStateHandler(),

@@ -155,9 +155,7 @@ class MetricsWriter:
         self.stream = stream
         self._writer = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=str(logdir))
+            self._writer = _summary_writer_class()(logdir=str(logdir))
 
     def write(self, step: int, scalars: dict[str, float], *, total_steps: int | None = None) -> str:
         line = format_line(step, scalars, total_steps)
@@ -172,6 +170,20 @@ class MetricsWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX only probes for torch (to accept
+    its tensors), and importing it costs seconds in every training process. Scalars never need it."""
+    probe_blocked = "torch" not in sys.modules
+    if probe_blocked:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if probe_blocked and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def format_line(step: int, scalars: dict[str, float], total_steps: int | None = None) -> str:
