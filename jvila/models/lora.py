@@ -299,8 +299,9 @@ class LoraContext:
     one's adapter. With contiguous segments of one adapter each (`segment_starts` [S + 1],
     `segment_adapters` [S]) the kernels run `sgmv`, else `bgmv`.
     `dropout_key` (training) drops input features of the adapted path at `dropout_rate`.
-    `implementation`: "dense" (`dense_lora`), or a kernel implementation of `pallas_kernels.lora`;
-    None = `dense_lora` on CPU for up to DENSE_MAX_ADAPTERS adapters, else the kernels' dispatch.
+    `implementation`: "dense" (`dense_lora`), "segment_dense" (`segment_dense_lora`), "gather" (per-token
+    gathered einsum), or a kernel implementation of `pallas_kernels.lora`; None = on CPU the cheapest
+    of those for the step's shape (`_cpu_implementation`), elsewhere the kernels' dispatch.
     """
 
     weights: LoraWeights
@@ -338,10 +339,14 @@ class LayerLora:
             keep = jax.random.bernoulli(key, 1.0 - ctx.dropout_rate, x2.shape)
             x2 = jnp.where(keep, x2 / (1.0 - ctx.dropout_rate), 0).astype(x2.dtype)
         implementation = ctx.implementation
-        if implementation is None and jax.default_backend() == "cpu" and m.a.shape[0] <= DENSE_MAX_ADAPTERS:
-            implementation = "dense"
+        if implementation is None and jax.default_backend() == "cpu":
+            implementation = _cpu_implementation(m.a.shape[0], x2.shape[0], ctx.segment_adapters)
         if implementation == "dense":
             out = dense_lora(y2, x2, m.a, m.b, ctx.token_adapters, ctx.weights.scales)
+        elif implementation == "segment_dense":
+            out = segment_dense_lora(y2, x2, m.a, m.b, ctx.segment_starts, ctx.segment_adapters, ctx.weights.scales)
+        elif implementation == "gather":
+            out = bgmv(y2, x2, m.a, m.b, ctx.token_adapters, ctx.weights.scales, implementation="xla")
         elif ctx.segment_starts is not None:
             out = sgmv(y2, x2, m.a, m.b, ctx.segment_starts, ctx.segment_adapters, ctx.weights.scales,
                        implementation=implementation)
@@ -352,9 +357,35 @@ class LayerLora:
 
 # On CPU the kernels' reference gathers every token's A and B ([T, in, r] and [T, r, out]): memory
 # traffic that made a 256-token prefill 4x slower than the base model (SmolLM2-135M's widths, 8
-# adapters of rank 16). Multiplying by every adapter and masking reads each adapter once; its
-# work grows with the number of adapters, so past this many the gather is used again.
+# adapters of rank 16). Multiplying by every adapter and masking reads each adapter once, but its
+# work grows with the number of adapters: with many slots and few rows it computes mostly adapters
+# no token uses. So on CPU: a step whose rows are segments multiplies by just the segments'
+# adapters (gathered once per segment, not per token); a per-token step with fewer tokens than
+# slots (decode) gathers per token; otherwise every adapter, up to DENSE_MAX_ADAPTERS.
 DENSE_MAX_ADAPTERS = 64
+
+
+def _cpu_implementation(num_adapters: int, num_tokens: int, segment_adapters) -> str | None:
+    if segment_adapters is not None and segment_adapters.shape[0] < num_adapters:
+        return "segment_dense"
+    if segment_adapters is None and num_tokens < num_adapters:
+        return "gather"
+    return "dense" if num_adapters <= DENSE_MAX_ADAPTERS else None
+
+
+def segment_dense_lora(y, x, lora_a, lora_b, segment_starts, segment_adapters, scales):
+    """`sgmv`'s semantics through `dense_lora` over the segments' own adapters (one gather per segment).
+
+    Work T x S x in x r for S segments, instead of T x n for all n adapters.
+    """
+    num_adapters, num_tokens = lora_a.shape[0], x.shape[0]
+    used = (segment_adapters >= 0) & (segment_adapters < num_adapters)
+    adapter = jnp.where(used, segment_adapters, 0)
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    segment = jnp.searchsorted(segment_starts, token, side="right").astype(jnp.int32) - 1
+    inside = (token < segment_starts[-1]) & (segment >= 0)
+    segment = jnp.where(inside, segment, -1)
+    return dense_lora(y, x, lora_a[adapter], lora_b[adapter], segment, jnp.where(used, scales[adapter], 0.0))
 
 
 def dense_lora(y, x, lora_a, lora_b, indices, scales):

@@ -99,8 +99,10 @@ def test_kernel_paths_agree_with_the_dense_path_and_base_rows_are_untouched(setu
     tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (4, 13)), jnp.int32)
     rows = jnp.asarray([2, -1, 0, 1], jnp.int32)
     dense = hidden_with(graphdef, state, lora, tokens, rows, per_token=True, implementation="dense")
-    for per_token in (False, True):  # sgmv, bgmv: the kernels' reference paths (what CPU dispatch picks)
-        kernel = hidden_with(graphdef, state, lora, tokens, rows, per_token=per_token, implementation="reference")
+    # sgmv, bgmv: the kernels' reference paths; and CPU's own: the segments' adapters only, a per-token gather.
+    for per_token, implementation in ((False, "reference"), (True, "reference"), (False, "segment_dense"),
+                                      (True, "gather")):
+        kernel = hidden_with(graphdef, state, lora, tokens, rows, per_token=per_token, implementation=implementation)
         # The same float32 products summed in another order: rounding only.
         np.testing.assert_allclose(np.asarray(kernel), np.asarray(dense), rtol=1e-5, atol=1e-5)
     got = logits(graphdef, state, tokens, attention=dense_attention, lora=lora, token_adapters=rows)
