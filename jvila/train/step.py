@@ -39,6 +39,8 @@ from sharding.mesh import shard_like_params
 from sharding.rules import DEFAULT_RULES, logical_to_spec
 
 LORA_KEY = "lora"
+# optax.tree.norm where this optax has it (global_norm is deprecated there).
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
 @jax.tree_util.register_dataclass
@@ -241,7 +243,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, attent
         # All-zero weights give zero loss and gradients, not NaN.
         denominator = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = _global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new_state = dataclasses.replace(state, step=state.step + 1, trainable=trainable, opt_state=opt_state)
