@@ -186,11 +186,30 @@ def export(flat_params: dict[str, Any], cfg: LLMConfig | NVILAConfig, tokenizer_
             files[PREPROCESSOR_FILE] = json.dumps(preprocessor, indent=2)
         if PREPROCESSOR_FILE not in files:
             raise ValueError("an NVILA export needs the image preprocessor's settings (preprocessor_config.json)")
-    written = None
-    if jax.process_index() == 0:
-        written = save_checkpoint(dst, cfg, host, files, overwrite=True)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+        return save_checkpoint(dst, cfg, host, files, overwrite=True)
+    from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("jvila export")
+    written = _save_alone(dst, cfg, host, files) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jvila export")
     return written
+
+
+def _save_alone(dst, cfg, params: dict[str, np.ndarray], files) -> Path:
+    """`save_checkpoint`'s layout written by this process alone: Orbax's default checkpointer waits
+    for every process at each save, and the others have nothing to write (host arrays, all here)."""
+    from jvila.checkpoints import orbax_io
+    from jvila.checkpoints.atomic import atomic_directory
+
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                               barrier_sync_key_prefix="jvila_export")
+    with atomic_directory(dst, overwrite=True) as tmp:
+        (tmp / orbax_io.CONFIG_FILE).write_text(json.dumps(orbax_io._config_to_json(cfg), indent=2))
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=alone),
+                              multiprocessing_options=alone) as checkpointer:
+            checkpointer.save(tmp / "params", args=ocp.args.PyTreeSave(orbax_io._nest(params)))
+        (tmp / "tokenizer").mkdir()
+        for name, content in files.items():
+            (tmp / "tokenizer" / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return Path(dst)

@@ -23,7 +23,7 @@ import numpy as np
 from tiny_recipe import TINY_LLM, read_losses, write_tiny_run
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 40, 5
+STEPS, EVERY = 30, 5
 
 
 def child_env(cache: Path) -> dict:

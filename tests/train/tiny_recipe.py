@@ -10,7 +10,7 @@ import numpy as np
 import yaml
 
 WORDS = ("red", "green", "blue", "circle", "square", "left", "right", "one", "two", "three", "shape", "colour")
-TINY_LLM = dict(vocab_size=420, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+TINY_LLM = dict(vocab_size=420, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=8)
 
 
