@@ -16,6 +16,11 @@ Bad records — malformed JSON, no assistant turn, a missing or corrupt image, m
 more images than max_images_per_row — are skipped with a `SkippedRecordWarning` and counted in
 `iterator.skipped` (by reason; the counts are part of the saved state). The run goes on.
 
+Worker processes are spawned (Grain's choice): a script that builds the iterator with
+`num_workers > 0` needs the `if __name__ == "__main__":` guard. Each process packs its own shard,
+so with a finite `num_epochs` processes may run out of batches at different steps; on many hosts
+train for a number of steps over `num_epochs=None`.
+
 Sources: `.jsonl` / `.json` record files (records.py), or `tfds:NAME[:SPLIT]` for a
 tensorflow-datasets dataset prepared locally (not downloaded; tensorflow-datasets is not a
 dependency): its examples must carry "conversations" (a list or JSON text) and optionally "image"

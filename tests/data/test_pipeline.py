@@ -224,3 +224,37 @@ def test_configuration_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         build_train_iterator(DataConfig(paths=[str(tmp_path / "none.jsonl")]), tokenizer, process_index=0,
                              process_count=1)
+
+
+@pytest.mark.parametrize("aspect", ["resize", "dynamic"])
+def test_training_prompt_equals_the_inference_prompt(tmp_path, aspect):
+    """Tokens and tiles of a record equal what the serving path's build_media_prompt makes of the same
+    conversation (each placeholder widened to K positions); "dynamic" tiles are one image each."""
+    from jvila.processing.media_prompt import build_media_prompt
+
+    tokenizer = _tokenizer()
+    media, cfg = _vision(tokenizer)
+    media = MediaSettings(media.preprocessor, image_aspect_ratio=aspect, min_tiles=1, max_tiles=4)
+    rng = np.random.default_rng()
+    picture = PIL.Image.fromarray(rng.integers(0, 256, (TILE, 2 * TILE + 5, 3), dtype=np.uint8))
+    picture.save(tmp_path / "wide.png")
+    question, answer = "How many shapes are there?", "three"
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": "w", "image": "wide.png", "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}) + "\n")
+    k = image_token_count(cfg)
+    it = build_train_iterator(DataConfig(paths=[str(tmp_path / "r.jsonl")], packing_length=200, max_images_per_row=4,
+                                         global_batch_size=1, num_epochs=1), tokenizer, media, cfg,
+                              process_index=0, process_count=1)
+    batch = next(it)
+    want = build_media_prompt(tokenizer, media, [
+        {"role": "user", "content": [{"type": "image", "image": str(tmp_path / "wide.png")},
+                                     {"type": "text", "text": f"\n{question}"}]},
+        {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    ids = np.array(want.token_ids)
+    want_tokens = np.repeat(ids, np.where(ids == cfg.image_token_id, k, 1))
+    n = len(want_tokens)
+    np.testing.assert_array_equal(batch["tokens"][0, :n], want_tokens)
+    assert not batch["segment_ids"][0, n:].any()
+    tiles = np.concatenate([m.tiles for m in want.media])
+    assert len(tiles) == (3 if aspect == "dynamic" else 1)  # a 2x1 grid and its thumbnail
+    np.testing.assert_array_equal(batch["images"][0, :len(tiles)], tiles)
