@@ -120,7 +120,7 @@ class PrepareExample:
         raw, source, index = item
         record_id = f"#{index}"  # until the record names itself
         try:
-            raw, in_memory = _tfds_record(raw) if not isinstance(raw, str) else (raw, None)
+            raw, in_memory = (raw, None) if isinstance(raw, str) else _tfds_record(raw, record_id)
             record = parse_record(raw, self.image_roots[source], fallback_id=record_id)
             record_id = record.id
             if record.videos:
@@ -160,29 +160,41 @@ class PrepareExample:
         return np.concatenate(tiles).astype(np.float32), per_image
 
 
-def _tfds_record(element: dict) -> tuple[dict, list | None]:
-    """A tensorflow-datasets example in LLaVA's layout -> (record dict, its in-memory images)."""
+def _tfds_record(element, fallback_id) -> tuple[dict, list | None]:
+    """A tensorflow-datasets example in LLaVA's layout -> (record dict, its in-memory images).
+
+    The record names its images by stand-in paths (so placeholder checks count them); the pixels
+    come from the returned list."""
     import PIL.Image
 
     def text(value):
         return value.decode("utf-8") if isinstance(value, bytes) else value
 
+    if not isinstance(element, dict):
+        raise RecordError(fallback_id, f"a tfds example must be a dict of features, got {type(element).__name__}")
+    record_id = text(element.get("id", fallback_id))
+    record_id = fallback_id if record_id is None else str(record_id)
     conversations = text(element.get("conversations"))
-    if isinstance(conversations, str):
-        conversations = json.loads(conversations)
-    if isinstance(conversations, dict) and "from" in conversations:  # tfds Sequence of dicts: dict of lists
-        conversations = [{"from": text(f), "value": text(v)}
-                         for f, v in zip(conversations["from"], conversations["value"])]
-    record = {"id": text(element.get("id")), "conversations": conversations}
+    try:
+        if isinstance(conversations, str):
+            conversations = json.loads(conversations)
+        if isinstance(conversations, dict) and "from" in conversations:  # a tfds Sequence of dicts: dict of lists
+            conversations = [{"from": text(f), "value": text(v)}
+                             for f, v in zip(conversations["from"], conversations["value"])]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RecordError(record_id, f"unreadable tfds 'conversations' feature ({e})") from None
+    record = {"id": record_id, "conversations": conversations}
     image = element.get("image")
     if image is None:
         return record, None
+    record["image"] = ["<tfds image>"]
     if isinstance(image, (bytes, bytearray)):
         return record, [bytes(image)]
     array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.size == 0:
-        raise MediaError(f"record {record['id']!r}: a tfds image must be encoded bytes or a non-empty uint8 [H, W, C]")
-    return record, [PIL.Image.fromarray(array)]
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or array.size == 0:
+        raise MediaError(f"a tfds image must be encoded bytes or a non-empty uint8 [H, W, C], got "
+                         f"{array.dtype} {array.shape}")
+    return record, [PIL.Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)]
 
 
 def _read_sources(paths: Sequence[str], image_root: str | None) -> tuple[list, list[str | None]]:

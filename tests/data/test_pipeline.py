@@ -258,3 +258,44 @@ def test_training_prompt_equals_the_inference_prompt(tmp_path, aspect):
     tiles = np.concatenate([m.tiles for m in want.media])
     assert len(tiles) == (3 if aspect == "dynamic" else 1)  # a 2x1 grid and its thumbnail
     np.testing.assert_array_equal(batch["images"][0, :len(tiles)], tiles)
+
+
+def test_tfds_source_in_llava_layout(monkeypatch):
+    """A `tfds:NAME:SPLIT` source read through tensorflow-datasets' data_source (a stand-in module
+    here: tfds is not a dependency), images as arrays or encoded bytes, a malformed example skipped."""
+    import io
+    import sys
+    import types
+
+    tokenizer = _tokenizer()
+    media, cfg = _vision(tokenizer)
+    rng = np.random.default_rng()
+    pixels = [rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) for _ in range(2)]
+    encoded = io.BytesIO()
+    PIL.Image.fromarray(pixels[1]).save(encoded, format="PNG")
+    chat = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "rec{}"}]
+    examples = [
+        {"id": b"a", "image": pixels[0],
+         "conversations": json.dumps([chat[0], chat[1] | {"value": "rec0"}]).encode()},
+        {"id": b"b", "image": encoded.getvalue(),
+         "conversations": {"from": [b"human", b"gpt"], "value": [b"<image>\nq", b"rec1"]}},
+        {"id": b"c", "conversations": b"{broken"},
+    ]
+    opened = {}
+
+    def data_source(name, split, download):
+        opened.update(name=name, split=split, download=download)
+        return examples
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(data_source=data_source))
+    it = build_train_iterator(DataConfig(paths=["tfds:llava_mix:validation"], packing_length=100,
+                                         max_images_per_row=2, global_batch_size=1, shuffle=False, num_epochs=1),
+                              tokenizer, media, cfg, process_index=0, process_count=1)
+    with pytest.warns(SkippedRecordWarning, match="'c'"):
+        batches = list(it)
+    assert opened == {"name": "llava_mix", "split": "validation", "download": False}
+    assert [n for b in batches for n in _ids(b, tokenizer)] == ["rec0", "rec1"]
+    want = [single_tile(media, PIL.Image.fromarray(p))[0] for p in pixels]
+    assert len(batches) == 1  # both fit one row: their tiles fill slots 0 and 1
+    np.testing.assert_array_equal(batches[0]["images"][0], np.array(want))
+    assert it.skipped == {"bad_record": 1}
