@@ -10,7 +10,8 @@ math, never recomputation):
   matmul even when it shares the embedding's weights.
 - causal attention: per layer, QKᵀ and PV each cost 2·heads·head_dim FLOPs for every visible
   (query, key) pair — s(s+1)/2 pairs in a packed segment of s tokens — so 4·H·d·s(s+1)/2 forward
-  and twice that backward; counted per packed segment, since segments do not attend to each other.
+  and twice that backward (both operands of each product need gradients) whenever gradients flow
+  through it; counted per packed segment, since segments do not attend to each other.
 - NVILA: the SigLIP tower on every image present (its patches, bidirectional attention over them),
   the projector on every image token, with the same forward/backward rule per part (a frozen tower
   behind nothing trainable costs its forward only).
@@ -127,16 +128,18 @@ def step_flops(model: FlopModel, batch: dict) -> float:
     llm = model.llm
     llm_mult = _passes(model.grads_reach_llm, model.llm_trains)
     flops = 2.0 * model.llm_matmul_params * tokens * llm_mult
-    # Attention has no weights: forward, and activation gradients when anything trains through it.
-    attn_mult = _passes(model.grads_reach_llm, False)
+    # Attention's two matmuls multiply activations by activations: when gradients flow, both operands of
+    # each need one (four matmuls), so the backward costs twice the forward whatever is frozen.
+    attn_mult = 3 if model.grads_reach_llm else 1
     pairs = float(np.sum(seg * (seg + 1) / 2))
     flops += 4.0 * llm.num_heads * llm.head_dim * pairs * llm.num_layers * attn_mult
     if model.image_token_id is not None and model.image_tokens:
         images = float(np.sum(np.asarray(batch["tokens"]) == model.image_token_id)) / model.image_tokens
         vision_mult = _passes(model.vision_trains, model.vision_trains)
-        per_image = 2.0 * model.vision_matmul_params * model.patches
-        per_image += 4.0 * model.vision_heads_dim * model.patches ** 2 * model.vision_layers
-        flops += images * per_image * vision_mult
+        per_image = 2.0 * model.vision_matmul_params * model.patches * vision_mult
+        per_image += 4.0 * model.vision_heads_dim * model.patches ** 2 * model.vision_layers * \
+            (3 if model.vision_trains else 1)
+        flops += images * per_image
         projector_mult = _passes(model.vision_trains or model.projector_trains, model.projector_trains)
         flops += images * 2.0 * model.projector_params * model.image_tokens * projector_mult
     return flops
