@@ -160,17 +160,22 @@ def test_worker_processes_equal_in_process_and_resume(tmp_path):
                       global_batch_size=2, seed=11)
     in_process = build_train_iterator(data, tokenizer, media, cfg, process_index=0, process_count=1)
     want = _take(in_process, 8)
-    workers = build_train_iterator(DataConfig(**(vars(data) | {"num_workers": 2})), tokenizer, media, cfg,
-                                   process_index=0, process_count=1)
+    with_workers = DataConfig(**(vars(data) | {"num_workers": 2}))
+    workers = build_train_iterator(with_workers, tokenizer, media, cfg, process_index=0, process_count=1)
     try:
         got = _take(workers, 3)
         state = json.loads(json.dumps(workers.get_state()))
         got += _take(workers, 5)
         _assert_same_batches(got, want)
-        workers.set_state(state)  # rewind the worker pipeline: the same later batches again
-        _assert_same_batches(_take(workers, 5), want[3:])
     finally:
         workers.close()
+    # A restarted run: fresh worker processes resume from the saved state.
+    resumed = build_train_iterator(with_workers, tokenizer, media, cfg, process_index=0, process_count=1)
+    try:
+        resumed.set_state(state)
+        _assert_same_batches(_take(resumed, 5), want[3:])
+    finally:
+        resumed.close()
 
 
 def test_bad_records_are_skipped_with_a_warning_and_counted(tmp_path):
