@@ -1,5 +1,7 @@
 """One conversation -> token ids and the loss mask that learns only the assistant's replies.
 
+(A plain-text record learns all of its tokens, an end-of-sequence token appended.)
+
 The mask follows NVlabs/VILA (llava/utils/tokenizer.py, `preprocess_conversation`): render the
 conversation with the tokenizer's chat template; render it again with every assistant reply
 replaced by a sentinel token; drop each sentinel and the token right after it (the end-of-turn
@@ -17,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import tokenizers
 
-from jvila.data.records import Record, RecordError
+from jvila.data.records import IMAGE_PLACEHOLDER, Record, RecordError, Turn
 from jvila.processing.tokenizer import Tokenizer
 
 SENTINEL_TOKEN = "<vila/sentinel>"
@@ -84,13 +86,21 @@ def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int
     """(ids int32 [n], loss_mask int32 [n]) for one record, each image placeholder expanded to
     `image_tokens` copies of `image_token_id` (times `images_per_placeholder[i]` for the i-th
     placeholder when one image is several tiles, each its own block)."""
-    turns = record.turns
+    turns = record.turns if record.text is None else (Turn("user", record.text),)
     if images_per_placeholder is not None:
         turns = _expand_placeholders(turns, images_per_placeholder)
-    # VILA strips every message before rendering it.
-    messages = [{"role": turn.role, "content": turn.text.strip()} for turn in turns]
-    ids, mask = assistant_mask(tokenizer, messages, record.id)
-    ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    if record.text is not None:
+        ids = tokenizer.encode(turns[0].text, add_special_tokens=True)
+        # Plain text: every token is learned, and the end of the document too (the model learns to stop).
+        ids = np.asarray(ids + tokenizer.eos_ids[:1], np.int32)
+        mask = np.ones(len(ids), np.int32)
+        if image_token_id is not None:
+            mask[ids == image_token_id] = 0
+    else:
+        # VILA strips every message before rendering it.
+        messages = [{"role": turn.role, "content": turn.text.strip()} for turn in turns]
+        ids, mask = assistant_mask(tokenizer, messages, record.id)
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
     expected = sum(images_per_placeholder) if images_per_placeholder is not None else len(record.images)
     if image_token_id is None:
         if expected:
@@ -108,8 +118,6 @@ def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int
 
 
 def _expand_placeholders(turns, counts: list[int]):
-    from jvila.data.records import IMAGE_PLACEHOLDER, Turn
-
     out, i = [], 0
     for turn in turns:
         pieces = turn.text.split(IMAGE_PLACEHOLDER)

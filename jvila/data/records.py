@@ -8,6 +8,8 @@ A record (one JSON object per line of a .jsonl file, or the items of a .json lis
 Image paths are relative to an image root (absolute paths stay as they are). OpenAI-style records
 are read too: {"id", "messages": [{"role", "content": str | [{"type": "text", "text"},
 {"type": "image", "image": path}]}], "images": [...]}; image parts become `<image>` placeholders.
+Plain-text records {"id", "text": "...", "image"?: ...} (language-model pretraining, LongVILA's
+context extension) learn every token of the text, with no chat template.
 
 As LLaVA's `preprocess_multimodal` does, a record whose images have no `<image>` placeholder
 gets one per image at the start of its first user turn; a record with placeholders must have
@@ -50,6 +52,7 @@ class Record:
     turns: tuple[Turn, ...]
     images: tuple[str, ...] = ()
     videos: tuple[str, ...] = ()
+    text: str | None = None  # a plain-text record (then turns is empty)
 
 
 def read_record_file(path: str | os.PathLike) -> list[str]:
@@ -82,6 +85,9 @@ def parse_record(raw: str | dict, image_root: str | os.PathLike | None = None, *
         raise RecordError(fallback_id, f"a record is a JSON object, got {type(raw).__name__}")
     record_id = raw.get("id", fallback_id)
     record_id = str(record_id) if record_id is not None else None
+    root = pathlib.Path(image_root) if image_root is not None else None
+    if "text" in raw and "conversations" not in raw and "messages" not in raw:
+        return _text_record(record_id, raw, root)
     if "messages" in raw and "conversations" not in raw:
         turns, images = _openai_turns(record_id, raw)
     else:
@@ -90,9 +96,18 @@ def parse_record(raw: str | dict, image_root: str | os.PathLike | None = None, *
     if not any(turn.role == "assistant" for turn in turns):
         raise RecordError(record_id, "the conversation has no assistant turn: nothing to learn")
     turns = _place_images(record_id, turns, len(images))
-    root = pathlib.Path(image_root) if image_root is not None else None
     return Record(record_id, turns, tuple(_resolve(p, root) for p in images),
                   tuple(_resolve(p, root) for p in videos))
+
+
+def _text_record(record_id, raw: dict, root) -> Record:
+    text = raw["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise RecordError(record_id, "'text' must be a non-empty string")
+    images = _paths(record_id, raw.get("image"), "image")
+    (turn,) = _place_images(record_id, (Turn("user", text),), len(images))
+    return Record(record_id, (), tuple(_resolve(p, root) for p in images),
+                  tuple(_resolve(p, root) for p in _paths(record_id, raw.get("video"), "video")), turn.text)
 
 
 def _llava_turns(record_id, raw: dict) -> tuple[Turn, ...]:

@@ -136,3 +136,20 @@ def test_record_files_jsonl_and_json(tmp_path):
         read_record_file(tmp_path / "bad.json")
     with pytest.raises(FileNotFoundError):
         read_record_file(tmp_path / "missing.jsonl")
+
+
+def test_plain_text_records_learn_every_token():
+    tokenizer = _tokenizer(demo_tokenizer_files())
+    image_id, eos = tokenizer.token_to_id("<image>"), tokenizer.token_to_id("<|im_end|>")
+    rng = np.random.default_rng()
+    text = _random_text(rng, 5, 30)
+    ids, mask = tokenize_record(tokenizer, parse_record({"id": "t", "text": text}))
+    np.testing.assert_array_equal(ids, tokenizer.encode(text) + [eos])
+    assert mask.all()
+    record = parse_record({"id": "i", "text": text, "image": "p.png"})
+    assert record.text == "<image>\n" + text and record.turns == ()
+    ids, mask = tokenize_record(tokenizer, record, image_token_id=image_id, image_tokens=4)
+    np.testing.assert_array_equal(ids[:4], [image_id] * 4)
+    np.testing.assert_array_equal(mask, (ids != image_id).astype(np.int32))
+    with pytest.raises(RecordError, match="non-empty string"):
+        parse_record({"id": "e", "text": "  "})
