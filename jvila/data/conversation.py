@@ -16,6 +16,7 @@ included), none of them learned.
 
 from __future__ import annotations
 
+import jinja2
 import numpy as np
 import tokenizers
 
@@ -39,11 +40,14 @@ def assistant_mask(tokenizer: Tokenizer, messages: list[dict[str, str]], record_
     sentinel = tokenizer.token_to_id(SENTINEL_TOKEN)
     if sentinel is None:
         raise ValueError(f"the tokenizer lacks {SENTINEL_TOKEN}; call ensure_sentinel_token(tokenizer) first")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    ids = tokenizer.encode(text, add_special_tokens=True)
     probe = [m | {"content": SENTINEL_TOKEN} if m["role"] == "assistant" else m for m in messages]
-    template = tokenizer.encode(tokenizer.apply_chat_template(probe, add_generation_prompt=False),
-                                add_special_tokens=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+        probe_text = tokenizer.apply_chat_template(probe, add_generation_prompt=False)
+    except jinja2.TemplateError as e:  # e.g. a template's raise_exception on roles out of order
+        raise RecordError(record_id, f"the chat template rejects the conversation: {e}") from None
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    template = tokenizer.encode(probe_text, add_special_tokens=True)
     # As VILA: if the first alignment fails, retry dropping the token before each sentinel as well
     # (some tokenizers put an empty piece there that the reply's own first token absorbs).
     for drop_before in (False, True):

@@ -153,3 +153,14 @@ def test_plain_text_records_learn_every_token():
     np.testing.assert_array_equal(mask, (ids != image_id).astype(np.int32))
     with pytest.raises(RecordError, match="non-empty string"):
         parse_record({"id": "e", "text": "  "})
+
+
+def test_a_template_that_rejects_the_conversation_is_a_record_error():
+    files = demo_tokenizer_files()
+    config = json.loads(files["tokenizer_config.json"])
+    config["chat_template"] = ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('user first') }}"
+                               "{% endif %}" + config["chat_template"])
+    tokenizer = _tokenizer(files | {"tokenizer_config.json": json.dumps(config)})
+    record = parse_record({"id": "z", "conversations": [{"from": "gpt", "value": "hello"}]})
+    with pytest.raises(RecordError, match="rejects the conversation: user first"):
+        tokenize_record(tokenizer, record)
