@@ -222,7 +222,7 @@ def train(recipe: Recipe, *, max_steps: int | None = None, devices=None, iterato
     """
     from sharding.multihost import initialize_from_environment
 
-    if not _distributed_started():
+    if devices is None and not _distributed_started():  # given devices: the caller has set JAX up
         initialize_from_environment()
     from jvila.models.lora import init_adapter
     from jvila.train.checkpointing import TrainCheckpointer
@@ -293,7 +293,17 @@ def train(recipe: Recipe, *, max_steps: int | None = None, devices=None, iterato
     window_start = time.perf_counter()
     try:
         for step in range(start, stop):
-            local = next(iterator)
+            try:
+                local = next(iterator)
+            except StopIteration:  # a finite dataset (data.num_epochs) ran out: end here, saved and exported
+                log.warning("the data ran out after %d steps (of %d): stopping there", step, recipe.train.steps)
+                stop = step
+                if window:
+                    _log_window(window, window_start, writer, metrics_file, progress, losses, peak=peak,
+                                total_steps=recipe.train.steps)
+                if step > start and not checkpointer.should_save(step, last=False):  # else saved already
+                    checkpointer.save(step, state, iterator, notes={"recipe": recipe.name})
+                break
             flops, tokens = _local_work(flops_model, local)
             state, metrics = step_fn(state, global_batch(local, mesh), jax.random.fold_in(base_key, step))
             window.append((step + 1, metrics, flops, tokens))
@@ -316,7 +326,8 @@ def train(recipe: Recipe, *, max_steps: int | None = None, devices=None, iterato
     if skipped:
         log.info("skipped %s records (see the warnings above)", skipped)
     export_dir = None
-    if recipe.export and stop == recipe.train.steps and start < stop:
+    finished = stop == recipe.train.steps or (max_steps is None and stop < recipe.train.steps)  # or data ran out
+    if recipe.export and finished and (start < stop or not _exported(recipe.export_dir)):
         export_dir = export_trained(recipe, built, state, lora_cfg)
     return TrainSummary(start_step=start, final_step=stop, losses=losses, export_dir=export_dir,
                         skipped_records=skipped if isinstance(skipped, int) else None)
@@ -341,6 +352,10 @@ def _canonical_placement(tree):
         return jax.device_put(x, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
 
     return jax.tree.map(canonical, tree)
+
+
+def _exported(path: Path) -> bool:
+    return (path / "jvila_config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def _open_metrics(path: Path):
