@@ -16,7 +16,7 @@ log=${OUT:-/tmp}/gpu_suite.log
   echo "# gpu_suite $(date -u +%FT%TZ) $*"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
-  for step in ${STEPS:-gpu_flash_attention gpu_paged_attention gpu_lora gpu_model nvila_prefill serve_throughput multi_lora}; do
+  for step in ${STEPS:-gpu_flash_attention gpu_paged_attention gpu_lora gpu_model nvila_prefill serve_throughput multi_lora train_mfu}; do
     echo; echo "## $step"
     start=$(date +%s)
     "$PY" "benchmarks/$step.py" "$@" || { echo "!! $step exited with $?"; status=1; }
