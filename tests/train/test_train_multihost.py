@@ -56,7 +56,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(recipe: Path) -> list[str]:
+def start_two_processes(recipe: Path) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for pid in range(2):
@@ -65,6 +65,10 @@ def run_two_processes(recipe: Path) -> list[str]:
                    PYTHONPATH=str(ROOT))
         procs.append(subprocess.Popen([sys.executable, "-m", "jvila.cli", "train", str(recipe)], env=env,
                                       cwd=recipe.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish_two_processes(procs: list[subprocess.Popen]) -> list[str]:
     logs = []
     try:
         for proc in procs:
@@ -80,16 +84,22 @@ def run_two_processes(recipe: Path) -> list[str]:
 
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
     fsdp_tensor = {"fsdp": 4, "tensor": 2}
-    one = load_recipe(write_tiny_run(tmp_path / "one", steps=STEPS, every=2, mesh={"fsdp": 1}))
-    want = train(one, devices=jax.devices()[:1], iterator=TwoShards(one)).losses
-    assert sorted(want) == list(range(1, STEPS + 1))
-
-    eight = load_recipe(write_tiny_run(tmp_path / "eight", steps=STEPS, every=2, mesh=fsdp_tensor))
-    got = train(eight, iterator=TwoShards(eight)).losses
-    np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], **TOL)
-
+    # The two processes start first and train while this one runs the other two layouts.
     recipe = write_tiny_run(tmp_path / "two", steps=STEPS, every=2, mesh=fsdp_tensor)
-    run_two_processes(recipe)
+    procs = start_two_processes(recipe)
+    try:
+        one = load_recipe(write_tiny_run(tmp_path / "one", steps=STEPS, every=2, mesh={"fsdp": 1}))
+        want = train(one, devices=jax.devices()[:1], iterator=TwoShards(one)).losses
+        assert sorted(want) == list(range(1, STEPS + 1))
+
+        eight = load_recipe(write_tiny_run(tmp_path / "eight", steps=STEPS, every=2, mesh=fsdp_tensor))
+        got = train(eight, devices=jax.devices(), iterator=TwoShards(eight)).losses
+        np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], **TOL)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    finish_two_processes(procs)
     got = read_losses(tmp_path / "two/out")
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], **TOL)
     # Every process wrote its part of each checkpoint: the train state and its own data position.
