@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jvila.train.recipe import Recipe, RecipeError, lora_config as make_lora_config
+from jvila.train.recipe import Recipe, RecipeError
+from jvila.train.recipe import lora_config as make_lora_config
 from sharding.mesh import A2A_AXIS, RING_AXIS, build_mesh
 from sharding.rules import logical_to_spec
 
@@ -212,40 +213,85 @@ def make_attention(kind: str, mesh):
 # The loop
 # ----------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class _Run:
+    """Everything one run holds between set-up, steps and export."""
+
+    recipe: Recipe
+    mesh: object
+    built: BuiltModel
+    state: object  # jvila.train.step.TrainState, placed on the mesh
+    step_fn: object
+    iterator: object
+    flops_model: object
+    lora_config: object  # LoraConfig or None
+
+
 def train(recipe: Recipe, *, max_steps: int | None = None, devices=None, iterator=None) -> TrainSummary:
     """Run (or resume) `recipe`.
 
     `max_steps` stops early after that global step (the schedule stays the recipe's: a later call
-    resumes and finishes it). `devices`: the mesh's devices (default: all of every process).
-    `iterator`: batches from elsewhere instead of the recipe's data pipeline: an iterator of this
-    process's rows in the batch format, with `get_state()` / `set_state()` for checkpoints.
+    resumes and finishes it). `devices`: the mesh's devices (default: all of every process; given,
+    the caller has set JAX up and jax.distributed is not started here). `iterator`: batches from
+    elsewhere instead of the recipe's data pipeline: an iterator of this process's rows in the batch
+    format, with `get_state()` / `set_state()` for checkpoints.
     """
+    from jvila.train.checkpointing import TrainCheckpointer
     from sharding.multihost import initialize_from_environment
 
-    if devices is None and not _distributed_started():  # given devices: the caller has set JAX up
+    if devices is None and not _distributed_started():
         initialize_from_environment()
+    run = _prepare(recipe, devices, iterator)
+    checkpointer = TrainCheckpointer(recipe.checkpoint_dir, every=recipe.checkpoint.every,
+                                     keep=recipe.checkpoint.keep, async_save=recipe.checkpoint.async_save)
+    try:
+        start = checkpointer.latest_step() or 0
+        if start:
+            run.state, _ = checkpointer.restore(start, run.state, run.iterator)
+            log.info("resumed from %s at step %d", recipe.checkpoint_dir, start)
+        stop = min(recipe.train.steps, max_steps) if max_steps is not None else recipe.train.steps
+        losses, ran_out_at = _steps(run, checkpointer, start, stop)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+        close = getattr(run.iterator, "close", None)
+        if close is not None:
+            close()  # worker processes of the data pipeline
+    skipped = getattr(run.iterator, "skipped_total", None)
+    if skipped:
+        log.info("skipped %s records (see the warnings above)", skipped)
+    stop = ran_out_at if ran_out_at is not None else stop
+    export_dir = None
+    finished = stop == recipe.train.steps or ran_out_at is not None
+    if recipe.export and finished and (start < stop or not _exported(recipe.export_dir)):
+        export_dir = export_trained(recipe, run.built, run.state, run.lora_config)
+    return TrainSummary(start_step=start, final_step=stop, losses=losses, export_dir=export_dir,
+                        skipped_records=skipped if isinstance(skipped, int) else None)
+
+
+def _prepare(recipe: Recipe, devices, iterator) -> _Run:
+    """Mesh, model, train state on the mesh, the jitted step and the data iterator."""
+    from jvila.data.pipeline import build_train_iterator
     from jvila.models.lora import init_adapter
-    from jvila.train.checkpointing import TrainCheckpointer
-    from jvila.train.metrics import MetricsWriter, flop_model, peak_tflops
-    from jvila.train.optimizer import build_optimizer, frozen_mask, leaf_names, trainable_mask
+    from jvila.processing.tokenizer import Tokenizer
+    from jvila.train.metrics import flop_model
+    from jvila.train.optimizer import (
+        build_optimizer,
+        frozen_mask,
+        leaf_names,
+        trainable_mask,
+    )
     from jvila.train.step import init_train_state, make_train_step, place_train_state
 
     try:
         mesh = build_mesh(recipe.mesh, devices)
     except ValueError as err:
         raise RecipeError(f"mesh: {err}") from None
-    data_cfg = recipe.data
-    rows = data_cfg.global_batch_size
-    if rows % jax.process_count():
-        raise RecipeError(f"data.global_batch_size {rows} does not divide among {jax.process_count()} processes")
-    if (rows // 1) % recipe.train.grad_accum:
-        raise RecipeError(f"train.grad_accum {recipe.train.grad_accum} does not divide the global batch of {rows}")
-    primary = jax.process_index() == 0
-    output = Path(recipe.output_dir)
-
+    if recipe.data.global_batch_size % jax.process_count():
+        raise RecipeError(f"data.global_batch_size {recipe.data.global_batch_size} does not divide among "
+                          f"{jax.process_count()} processes")
     built = build_model(recipe)
     graphdef, params = nnx.split(built.model)
-    names = leaf_names(params)
     lora_cfg = make_lora_config(recipe.lora) if recipe.lora is not None else None
     try:
         mask = frozen_mask(params) if lora_cfg else trainable_mask(params, recipe.stage)
@@ -254,121 +300,74 @@ def train(recipe: Recipe, *, max_steps: int | None = None, devices=None, iterato
         raise RecipeError(str(err)) from None
     adapter = None
     if lora_cfg is not None:
-        llm_cfg = getattr(built.config, "llm", built.config)
-        adapter = init_adapter(llm_cfg, lora_cfg, jax.random.key(recipe.model.seed + 1))
-    state = _canonical_placement(place_train_state(init_train_state(graphdef, params, optimizer, mask,
-                                                                    lora=adapter), mesh))
+        adapter = init_adapter(getattr(built.config, "llm", built.config), lora_cfg,
+                               jax.random.key(recipe.model.seed + 1))
+    state = _canonical_placement(place_train_state(
+        init_train_state(graphdef, params, optimizer, mask, lora=adapter), mesh))
+    names = leaf_names(params)
     flops_model = flop_model(built.config, dict(zip(names, (tuple(x.shape) for x in jax.tree.leaves(params)))),
                              dict(zip(names, jax.tree.leaves(mask))), lora=lora_cfg is not None)
-    del params  # the train state holds them now
-    compute_dtype = COMPUTE_DTYPES[recipe.train.compute_dtype]
     step_fn = make_train_step(graphdef, optimizer, attention=make_attention(recipe.train.attention, mesh),
-                              remat=recipe.train.remat, compute_dtype=compute_dtype,
+                              remat=recipe.train.remat, compute_dtype=COMPUTE_DTYPES[recipe.train.compute_dtype],
                               grad_accum=recipe.train.grad_accum, lora_config=lora_cfg)
+    if iterator is None:
+        iterator = build_train_iterator(recipe.data, Tokenizer.from_files(built.tokenizer_files),
+                                        media_settings(built), _nvila_config(built.config),
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+    return _Run(recipe, mesh, built, state, step_fn, iterator, flops_model, lora_cfg)
 
-    from jvila.data.pipeline import build_train_iterator
-    from jvila.processing.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_files(built.tokenizer_files)
-    iterator = iterator if iterator is not None else build_train_iterator(data_cfg, tokenizer, media_settings(built), _nvila_config(built.config),
-                                    process_index=jax.process_index(), process_count=jax.process_count())
+def _steps(run: _Run, checkpointer, start: int, stop: int) -> tuple[dict[int, float], int | None]:
+    """Steps start+1 .. stop: (loss per step, the step the data ran out at or None)."""
+    from jvila.train.metrics import MetricsWriter, peak_tflops
 
-    checkpointer = TrainCheckpointer(recipe.checkpoint_dir, every=recipe.checkpoint.every,
-                                     keep=recipe.checkpoint.keep, async_save=recipe.checkpoint.async_save)
-    start = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, _ = checkpointer.restore(latest, state, iterator)
-        start = latest
-        log.info("resumed from %s at step %d", recipe.checkpoint_dir, start)
-    stop = min(recipe.train.steps, max_steps) if max_steps is not None else recipe.train.steps
-
+    recipe = run.recipe
+    primary = jax.process_index() == 0
     peak = recipe.train.peak_tflops or peak_tflops(jax.devices()[0].device_kind)
     writer = MetricsWriter(recipe.tensorboard_dir, enabled=primary)
-    metrics_file = _open_metrics(output / METRICS_FILE) if primary else None
+    metrics_file = _open_metrics(Path(recipe.output_dir) / METRICS_FILE) if primary else None
     progress = _progress_bar(recipe, start, stop, enabled=primary and recipe.train.progress)
     base_key = jax.random.key(recipe.train.seed)
     losses: dict[int, float] = {}
-    window: list[tuple[int, dict, float, int]] = []  # (step, device metrics, flops, tokens)
+    window: list[tuple[int, dict, float, int]] = []  # (step, device metrics, flops, tokens) since the last log
     window_start = time.perf_counter()
+    ran_out_at = None
+
+    def log_window():
+        nonlocal window, window_start
+        window_start = _log_window(window, window_start, writer, metrics_file, progress, losses, peak=peak,
+                                   total_steps=recipe.train.steps)
+        window = []
+
     try:
         for step in range(start, stop):
             try:
-                local = next(iterator)
+                local = next(run.iterator)
             except StopIteration:  # a finite dataset (data.num_epochs) ran out: end here, saved and exported
                 log.warning("the data ran out after %d steps (of %d): stopping there", step, recipe.train.steps)
-                stop = step
+                ran_out_at = step
                 if window:
-                    _log_window(window, window_start, writer, metrics_file, progress, losses, peak=peak,
-                                total_steps=recipe.train.steps)
+                    log_window()
                 if step > start and not checkpointer.should_save(step, last=False):  # else saved already
-                    checkpointer.save(step, state, iterator, notes={"recipe": recipe.name})
+                    checkpointer.save(step, run.state, run.iterator, notes={"recipe": recipe.name})
                 break
-            flops, tokens = _local_work(flops_model, local)
-            state, metrics = step_fn(state, global_batch(local, mesh), jax.random.fold_in(base_key, step))
+            flops, tokens = _local_work(run.flops_model, local)
+            run.state, metrics = run.step_fn(run.state, global_batch(local, run.mesh),
+                                             jax.random.fold_in(base_key, step))
             window.append((step + 1, metrics, flops, tokens))
             last = step + 1 == stop
+            # The first step is logged alone: its time is mostly compilation.
             if (step + 1) % recipe.train.log_every == 0 or last or step == start:
-                window_start = _log_window(window, window_start, writer, metrics_file, progress, losses,
-                                           peak=peak, total_steps=recipe.train.steps)
-                window = []
+                log_window()
             progress.update(1)
             if checkpointer.should_save(step + 1, last=last):
-                checkpointer.save(step + 1, state, iterator, notes={"recipe": recipe.name})
-        checkpointer.wait()
+                checkpointer.save(step + 1, run.state, run.iterator, notes={"recipe": recipe.name})
     finally:
         progress.close()
         writer.close()
         if metrics_file is not None:
             metrics_file.close()
-        checkpointer.close()
-    skipped = getattr(iterator, "skipped_total", None)
-    if skipped:
-        log.info("skipped %s records (see the warnings above)", skipped)
-    export_dir = None
-    finished = stop == recipe.train.steps or (max_steps is None and stop < recipe.train.steps)  # or data ran out
-    if recipe.export and finished and (start < stop or not _exported(recipe.export_dir)):
-        export_dir = export_trained(recipe, built, state, lora_cfg)
-    return TrainSummary(start_step=start, final_step=stop, losses=losses, export_dir=export_dir,
-                        skipped_records=skipped if isinstance(skipped, int) else None)
-
-
-def _canonical_placement(tree):
-    """Every leaf's NamedSharding in the form a jitted step returns it (trailing unsharded dims
-    dropped from the spec: P(None, None) is P()). Equivalent placements, no data moves; the step is
-    compiled once per distinct set of input shardings, so the first step's inputs must already
-    look like every later step's (the previous step's outputs), or the second step compiles again."""
-    from jax.sharding import PartitionSpec
-
-    def canonical(x):
-        sharding = getattr(x, "sharding", None)
-        if not isinstance(sharding, NamedSharding):
-            return x
-        spec = list(sharding.spec)
-        while spec and spec[-1] is None:
-            spec.pop()
-        if tuple(spec) == tuple(sharding.spec):
-            return x
-        return jax.device_put(x, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
-
-    return jax.tree.map(canonical, tree)
-
-
-def _exported(path: Path) -> bool:
-    return (path / "jvila_config.json").is_file() or (path / "adapter_config.json").is_file()
-
-
-def _open_metrics(path: Path):
-    """metrics.jsonl for appending (a resumed run adds its steps; readers keep a step's last line).
-    A run killed mid-write leaves a partial line: it is ended so the next record starts afresh."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = path.open("a+")
-    f.seek(0, 2)
-    if f.tell():
-        f.seek(f.tell() - 1)
-        if f.read(1) != "\n":
-            f.write("\n")
-    return f
+    return losses, ran_out_at
 
 
 def _distributed_started() -> bool:
@@ -426,6 +425,44 @@ def _progress_bar(recipe, start, stop, *, enabled):
 
     return tqdm(total=stop, initial=start, desc=recipe.name or "train", unit="step", file=sys.stderr,
                 disable=not enabled, dynamic_ncols=True)
+
+
+def _canonical_placement(tree):
+    """Every leaf's NamedSharding in the form a jitted step returns it (trailing unsharded dims
+    dropped from the spec: P(None, None) is P()). Equivalent placements, no data moves; the step is
+    compiled once per distinct set of input shardings, so the first step's inputs must already
+    look like every later step's (the previous step's outputs), or the second step compiles again."""
+    from jax.sharding import PartitionSpec
+
+    def canonical(x):
+        sharding = getattr(x, "sharding", None)
+        if not isinstance(sharding, NamedSharding):
+            return x
+        spec = list(sharding.spec)
+        while spec and spec[-1] is None:
+            spec.pop()
+        if tuple(spec) == tuple(sharding.spec):
+            return x
+        return jax.device_put(x, NamedSharding(sharding.mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(canonical, tree)
+
+
+def _exported(path: Path) -> bool:
+    return (path / "jvila_config.json").is_file() or (path / "adapter_config.json").is_file()
+
+
+def _open_metrics(path: Path):
+    """metrics.jsonl for appending (a resumed run adds its steps; readers keep a step's last line).
+    A run killed mid-write leaves a partial line: it is ended so the next record starts afresh."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    f.seek(0, 2)
+    if f.tell():
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")
+    return f
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jvila.data.pipeline import DataConfig, build_train_iterator
 from jvila.data.demo_shapes import demo_tokenizer_files
+from jvila.data.pipeline import build_train_iterator
 from jvila.processing.tokenizer import Tokenizer
 from jvila.train.loop import train
 from jvila.train.recipe import load_recipe
