@@ -94,7 +94,7 @@ def test_sigkill_then_resume_continues_the_same_loss_curve(tmp_path):
     # Bit-exact: the same executable on the same data, state and keys (floats round-trip through JSON).
     assert [got[s] for s in range(resumed + 1, STEPS + 1)] == [want[s] for s in range(resumed + 1, STEPS + 1)]
     assert [got[s] for s in range(1, resumed + 1)] == [want[s] for s in range(1, resumed + 1)]
-    assert committed_steps(checkpoints)[-1] == STEPS
+    assert committed_steps(checkpoints) == [STEPS - EVERY, STEPS]  # checkpoint.keep = 2: older ones removed
 
     from jvila.checkpoints.orbax_io import load_checkpoint
     from jvila.config import LLMConfig
