@@ -210,6 +210,10 @@ def test_grad_accum_equals_one_big_batch_and_bf16_keeps_float32_masters():
     for (name, x), y in zip(host(one.trainable).items(), host(two.trainable).values()):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=name)
 
+    # bf16 compute: the matmuls run in bf16 (parameters cast inside), the loss in float32.
+    jaxpr = str(jax.make_jaxpr(lambda p: forward.batch_loss(graphdef, p, batches[0], attention=dense_attention,
+                                                            compute_dtype=jnp.bfloat16)[0])(params))
+    assert "bf16[4,20,24]" in jaxpr and "preferred_element_type=float32" in jaxpr
     half, mh = train(graphdef, params, "all", batches, compute_dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(half.trainable))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(half.opt_state) if x.ndim > 0)
@@ -228,6 +232,11 @@ def test_remat_policies_give_the_same_gradients():
                                                               remat=policy)[0]))
         return jax.tree.leaves(fn(params, batch))
 
+    def checkpoints(policy):  # remat wraps each decoder layer: one checkpoint per layer in the program
+        loss = lambda p, b: forward.batch_loss(graphdef, p, b, attention=dense_attention, remat=policy)[0]
+        return str(jax.make_jaxpr(loss)(params, batch)).count("remat2[")  # jax.checkpoint's primitive
+
+    assert checkpoints("none") == 0 and checkpoints("full") == checkpoints("dots") == 2
     want = grads("none")
     for policy in ("full", "dots"):
         for g, w in zip(grads(policy), want):
