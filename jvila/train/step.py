@@ -16,8 +16,9 @@ none), and their scales in `lora_scales`.
 - metrics: "loss" (token-weighted mean), "tokens" (sum of weights), "grad_norm" (global norm
   before clipping) and "learning_rate" (of this update), float32 scalars;
 - the train state is donated; on a mesh every leaf keeps the placement it came with
-  (`place_train_state`), batches placed by `sharding.mesh.shard_batch` or assembled across
-  processes by the caller.
+  (`place_train_state` places in the canonical form the step returns, so the first step's inputs
+  look like every later step's and the step compiles once), batches placed by
+  `sharding.mesh.shard_batch` or assembled across processes by the caller.
 """
 
 from __future__ import annotations
@@ -140,14 +141,25 @@ def lora_adapter(train_state: TrainState, lora_config: LoraConfig) -> Adapter:
 # Placement on a mesh
 # ----------------------------------------------------------------------------------------------
 
+def canonical_sharding(sharding):
+    """A NamedSharding with trailing unsplit dims dropped from its spec (P("fsdp", None) → P("fsdp")), the
+    form a jitted step returns: inputs placed so look like the step's outputs, so the step compiles once."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = list(sharding.spec)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec), memory_kind=sharding.memory_kind)
+
+
 def _place_params(state, mesh: Mesh, rules=DEFAULT_RULES):
     """nnx Variables by their logical axis names; any plain array (LoRA matrices, small) replicated."""
     def place(leaf):
         if isinstance(leaf, nnx.Variable):
             value = leaf.get_value()
             names = leaf.get_metadata().get("out_sharding") or (None,) * value.ndim
-            return leaf.replace(jax.device_put(value, NamedSharding(mesh, logical_to_spec(names, value.shape, mesh,
-                                                                                          rules))))
+            spec = logical_to_spec(names, value.shape, mesh, rules)
+            return leaf.replace(jax.device_put(value, canonical_sharding(NamedSharding(mesh, spec))))
         return jax.device_put(leaf, NamedSharding(mesh, PartitionSpec()))
 
     return jax.tree.map(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -195,8 +207,8 @@ def _check_batch(batch: dict, grad_accum: int) -> None:
 
 
 def _shardings(tree):
-    """The NamedShardings of a tree's leaves (None where a leaf has none): the step keeps them."""
-    return tuple(getattr(x, "sharding", None) if isinstance(getattr(x, "sharding", None), NamedSharding) else None
+    """The NamedShardings of a tree's leaves (None where a leaf has none), canonical: the step keeps them."""
+    return tuple(canonical_sharding(x.sharding) if isinstance(getattr(x, "sharding", None), NamedSharding) else None
                  for x in jax.tree.leaves(tree))
 
 
@@ -205,7 +217,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, attent
     """step(train_state, batch, key) -> (train_state, metrics), jitted, the train state donated.
 
     `key` (a jax PRNG key or None) drives LoRA dropout (`lora_config.dropout`); each microbatch
-    folds in its index. See the module docstring for what the step computes.
+    folds in its index. See the module docstring for what the step computes. `step.compilations()`
+    counts the programs compiled so far (states placed by `place_train_state` compile once).
     """
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ValueError(f"grad_accum must be a positive int, got {grad_accum!r}")
@@ -267,4 +280,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, attent
                 lambda s, b, k: update(s, b, k, shardings), donate_argnums=0)
         return fn(train_state, batch, key)
 
+    def compilations() -> int:
+        """How many programs the step has compiled so far (one per distinct input placement or shape)."""
+        return sum(fn._cache_size() for fn in compiled.values())
+
+    step.compilations = compilations
     return step
