@@ -14,8 +14,8 @@ are glob patterns (`fnmatch`) over those names.
   `warmup_ratio * total_steps` steps and then cosine decay to 0 (HF Trainer's
   `get_cosine_schedule_with_warmup`, which VILA's scripts use) or stays constant, then a per-
   parameter factor from `lr_multipliers` (NVILA trains the vision tower at a lower LR). Weight
-  decay applies to matrices only (ndim >= 2): biases and norm scales are not decayed, as in HF
-  Trainer's default grouping. The learning rate of each update is recorded in the optimizer
+  decay applies to matrices only (ndim >= 2, name not ending in "bias"): biases and norm scales
+  are not decayed, as in HF Trainer's default grouping. The learning rate of each update is recorded in the optimizer
   state (`optax.inject_hyperparams`), where `current_learning_rate` finds it for the step's metrics.
 """
 
@@ -202,6 +202,14 @@ def _scale_by_lr_multipliers(multipliers: Mapping[str, float]) -> optax.Gradient
     return optax.GradientTransformation(init, update)
 
 
+def decay_mask(tree):
+    """True for the weights AdamW decays: matrices, not biases (some are 2-D here: [heads, head_dim]) or norms."""
+    def decays(path, leaf):
+        return leaf.ndim >= 2 and not leaf_name(path).rsplit(".", 1)[-1].endswith("bias")
+
+    return jax.tree_util.tree_map_with_path(decays, tree)
+
+
 def build_optimizer(cfg: OptimizerConfig, params, trainable, total_steps: int) -> optax.GradientTransformation:
     """The optax transform for the trainable part of `params` (mask `trainable`, see `trainable_mask`).
 
@@ -217,7 +225,7 @@ def build_optimizer(cfg: OptimizerConfig, params, trainable, total_steps: int) -
     def make(learning_rate):
         parts = [] if cfg.clip_norm is None else [optax.clip_by_global_norm(cfg.clip_norm)]
         parts.append(optax.adamw(learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                 mask=lambda tree: jax.tree.map(lambda p: p.ndim >= 2, tree)))
+                                 mask=decay_mask))
         if cfg.lr_multipliers:
             parts.append(_scale_by_lr_multipliers(cfg.lr_multipliers))
         return optax.chain(*parts)

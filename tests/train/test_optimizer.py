@@ -88,7 +88,7 @@ def test_schedule_is_warmup_then_cosine(total, ratio):
 
 
 def numpy_adamw(params, grads_per_step, *, lrs, factors, b1, b2, eps, wd, clip):
-    """AdamW (decoupled decay on matrices only) after global-norm clipping, per-leaf LR factors."""
+    """AdamW (decoupled decay on matrices only, never biases) after global-norm clipping, per-leaf LR factors."""
     params = {k: v.astype(np.float64) for k, v in params.items()}
     mu = {k: np.zeros_like(v) for k, v in params.items()}
     nu = {k: np.zeros_like(v) for k, v in params.items()}
@@ -100,7 +100,7 @@ def numpy_adamw(params, grads_per_step, *, lrs, factors, b1, b2, eps, wd, clip):
             mu[k] = b1 * mu[k] + (1 - b1) * g
             nu[k] = b2 * nu[k] + (1 - b2) * g * g
             step = (mu[k] / (1 - b1 ** t)) / (np.sqrt(nu[k] / (1 - b2 ** t)) + eps)
-            if params[k].ndim >= 2:
+            if params[k].ndim >= 2 and not k.endswith("bias"):
                 step = step + wd * params[k]
             params[k] = params[k] - lr * factors[k] * step
     return params
@@ -108,7 +108,8 @@ def numpy_adamw(params, grads_per_step, *, lrs, factors, b1, b2, eps, wd, clip):
 
 def test_adamw_with_clipping_decay_mask_and_lr_factors():
     rng = np.random.default_rng(0)
-    shapes = {"vision_tower": {"w": (3, 5), "b": (5,)}, "llm": {"w": (4, 3), "norm": (4,)}, "projector": {"w": (2, 2)}}
+    shapes = {"vision_tower": {"w": (3, 5), "b": (5,)}, "llm": {"w": (4, 3), "norm": (4,), "q_bias": (2, 3)},
+              "projector": {"w": (2, 2)}}
     params = {p: {n: rng.normal(size=s).astype(np.float32) for n, s in d.items()} for p, d in shapes.items()}
     cfg = opt.OptimizerConfig(learning_rate=0.05, warmup_ratio=0.25, weight_decay=0.3, b1=0.8, b2=0.95, eps=1e-6,
                               clip_norm=1.5, lr_multipliers={"vision_tower.*": 0.1, "llm.norm": 2.0})
