@@ -202,6 +202,10 @@ def _check_batch(batch: dict, grad_accum: int) -> None:
     for k in TEXT_KEYS:
         if tuple(batch[k].shape) != shape:
             raise ValueError(f"batch entry {k!r} has shape {tuple(batch[k].shape)}, expected {shape} like tokens")
+        integer = jnp.issubdtype(batch[k].dtype, jnp.integer)
+        if integer != (k != "weights"):
+            raise ValueError(f"batch entry {k!r} has dtype {batch[k].dtype}; expected "
+                             f"{'a float' if k == 'weights' else 'an integer'} array")
     if shape[0] % grad_accum:
         raise ValueError(f"grad_accum={grad_accum} does not divide the batch's {shape[0]} rows")
 

@@ -287,6 +287,8 @@ def test_bad_input_is_a_clear_error():
     state = init_train_state(graphdef, fresh(params), optimizer, mask)
     with pytest.raises(ValueError, match="grad_accum=3 does not divide"):
         step(state, text_batch(1, rows=4), None)
+    with pytest.raises(ValueError, match="'tokens' has dtype float32"):
+        step(state, {**text_batch(1), "tokens": text_batch(1)["tokens"].astype(np.float32)}, None)
     batch = text_batch(1)
     del batch["segment_ids"]
     with pytest.raises(ValueError, match="segment_ids"):
