@@ -6,6 +6,8 @@ the tower and projector in one batched call (`nvila.tile_tokens`), each tile's t
 by the media-end embeddings ("\\n", as `embed_prompt` splices them), and the [B, M·K, D] rows are
 scattered onto the image-token positions: the j-th image-token position of row b (counting from
 the start of the row) takes row j of that row's blocks, so the k-th run of K positions is image k.
+A row with more than M·K image-token positions breaks the batch format (the data pipeline keeps
+at most M images per row); the extra positions would repeat the last block row.
 The LLM then runs through the functional core's `loss` with those `input_embeddings` — the same
 code path serving uses.
 
