@@ -29,12 +29,14 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
+# Saturated and far apart: every pair differs by at least ~200 in RGB (a purple next to this blue
+# was the pair a tiny model confused longest).
 COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 40),
-    "blue": (30, 60, 220),
-    "yellow": (235, 210, 20),
-    "purple": (140, 40, 190),
+    "red": (220, 20, 20),
+    "green": (20, 170, 20),
+    "blue": (20, 40, 230),
+    "yellow": (240, 220, 0),
+    "pink": (230, 40, 220),
 }
 SHAPES = ("square", "circle", "triangle")
 NUMBER_WORDS = ("one", "two", "three", "four")
@@ -125,7 +127,7 @@ def make_sample(rng: np.random.Generator, question_type: str, image_size: int = 
     kind, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
     s, half = image_size, image_size // 2
     if scene == "colour":
-        size = int(rng.integers(s * 3 // 8, s * 5 // 8 + 1))
+        size = int(rng.integers(s // 2, s * 3 // 4 + 1))  # large: many patches of pure colour
         shapes = [(kind, colour, _box_in(rng, (0, 0, s, s), size))]
         question, answer, caption = QUESTIONS["colour"], colour, f"a {colour} {kind}"
     elif scene == "count":
