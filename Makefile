@@ -32,8 +32,11 @@ $(STAMP): pyproject.toml Makefile
 	  fi; }
 	touch $(STAMP)
 
+# The SmolLM2 answer, then the lifecycle demo: a tiny NVILA trained from scratch on shapes, exported,
+# served and asked about images (jvila/train/demo.py; a few minutes on a 2-core CPU).
 demo: install
 	$(VENV)/bin/jvila generate --model smollm2-135m-instruct "What is the capital of France?"
+	$(PY) -m jvila.train.demo
 
 # Two workers, one per core: most of the suite's time is single-threaded XLA compilation. A test file
 # stays on one worker (its module fixtures are built once).
