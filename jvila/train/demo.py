@@ -152,7 +152,11 @@ def run_demo(output_dir, *, steps: int | None = None, num_train: int = 3000, num
     init_dir, num_params = scaled_random_init(recipe, output_dir / "init", init_std)
     print(f"[2/4] training a tiny NVILA ({num_params / 1e6:.2f}M parameters, random init at std {init_std}) for "
           f"{recipe.train.steps} steps (recipe {RECIPE.name}; progress on stderr)", file=out, flush=True)
-    summary = train(starting_from(recipe, init_dir))
+    # One device: the model is tiny (sharding it over many would only add collectives), and the
+    # demo's numbers do not depend on how many devices the host has (or simulates).
+    import jax
+
+    summary = train(starting_from(recipe, init_dir), devices=jax.local_devices()[:1])
     final_loss = summary.losses[max(summary.losses)]
     t = stage("train", t)
 
