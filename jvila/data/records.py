@@ -11,9 +11,13 @@ are read too: {"id", "messages": [{"role", "content": str | [{"type": "text", "t
 Plain-text records {"id", "text": "...", "image"?: ...} (language-model pretraining, LongVILA's
 context extension) learn every token of the text, with no chat template.
 
-As LLaVA's `preprocess_multimodal` does, a record whose images have no `<image>` placeholder
-gets one per image at the start of its first user turn; a record with placeholders must have
-exactly as many as it has images. Every problem is a `RecordError` naming the record.
+LLaVA/VILA records with images are read as VILA's `LLaVADataset` reads them: every `<image>`
+placeholder (and a newline beside it) is removed, and the images go first in the first user turn,
+right before its text — where the inference prompt builder puts them. A record with placeholders
+must have exactly as many as it has images (VILA would train on a mismatch; here it is a bad
+record). OpenAI-style and plain-text records keep their placeholders where they are; without any,
+one per image goes at the start of the first user turn. Every problem is a `RecordError` naming
+the record.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ def parse_record(raw: str | dict, image_root: str | os.PathLike | None = None, *
         turns, images = _openai_turns(record_id, raw)
     else:
         turns, images = _llava_turns(record_id, raw), _paths(record_id, raw.get("image"), "image")
+        if images:
+            turns = _media_first(record_id, turns, len(images))
     videos = _paths(record_id, raw.get("video"), "video")
     if not any(turn.role == "assistant" for turn in turns):
         raise RecordError(record_id, "the conversation has no assistant turn: nothing to learn")
@@ -169,6 +175,28 @@ def _paths(record_id, value, key: str) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _media_first(record_id, turns: tuple[Turn, ...], num_images: int) -> tuple[Turn, ...]:
+    """VILA's LLaVA records: placeholders (with a newline beside them) removed from every turn, the images
+    put first in the first user turn with nothing between them and the text — as the inference prompt
+    builder places them, the "\n" after each image coming from the media block's end embeddings."""
+    count = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if count not in (0, num_images):
+        raise RecordError(record_id, f"has {count} {IMAGE_PLACEHOLDER} placeholders for {num_images} images")
+    first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+    if first_user is None:
+        raise RecordError(record_id, "has images but no user turn to put them in")
+    turns = tuple(Turn(t.role, _without_placeholders(t.text) if IMAGE_PLACEHOLDER in t.text else t.text)
+                  for t in turns)
+    turn = turns[first_user]
+    return turns[:first_user] + (Turn(turn.role, IMAGE_PLACEHOLDER * num_images + turn.text),) + turns[first_user + 1:]
+
+
+def _without_placeholders(text: str) -> str:
+    for token in (IMAGE_PLACEHOLDER + "\n", "\n" + IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER):
+        text = text.replace(token, "")
+    return text.strip()
+
+
 def _place_images(record_id, turns: tuple[Turn, ...], num_images: int) -> tuple[Turn, ...]:
     count = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
     if count == num_images:
@@ -178,7 +206,7 @@ def _place_images(record_id, turns: tuple[Turn, ...], num_images: int) -> tuple[
         if first_user is None:
             raise RecordError(record_id, "has images but no user turn to put them in")
         turn = turns[first_user]
-        placed = Turn(turn.role, f"{IMAGE_PLACEHOLDER}\n" * num_images + turn.text)
+        placed = Turn(turn.role, IMAGE_PLACEHOLDER * num_images + turn.text)
         return turns[:first_user] + (placed,) + turns[first_user + 1:]
     raise RecordError(record_id, f"has {count} {IMAGE_PLACEHOLDER} placeholders for {num_images} images")
 

@@ -70,7 +70,12 @@ def test_mask_is_exactly_the_assistant_replies(files, system_prompt):
                                     for r, t in turns]}
         ids, mask = tokenize_record(tokenizer, parse_record(json.dumps(record)), image_token_id=image_id,
                                     image_tokens=k)
-        want_ids, want_mask = _reference(tokenizer, turns, system_prompt, image_id, k)
+        # VILA's LLaVA records: the images move to the front of the first user turn, placeholders
+        # (and the newline after each) leave the other turns.
+        first_user = next(i for i, (r, _) in enumerate(turns) if r == "user")
+        moved = [(r, ("<image>" * num_images if i == first_user else "") + t.replace("<image>\n", ""))
+                 for i, (r, t) in enumerate(turns)]
+        want_ids, want_mask = _reference(tokenizer, moved, system_prompt, image_id, k)
         np.testing.assert_array_equal(ids, want_ids)
         np.testing.assert_array_equal(mask, want_mask)
         assert int((ids == image_id).sum()) == num_images * k
@@ -85,7 +90,7 @@ def test_records_without_placeholders_get_them_in_the_first_user_turn(tmp_path):
                                              {"from": "human", "value": "what?"}, {"from": "gpt", "value": "red"}]},
                           image_root=tmp_path)
     assert record.id == "7" and record.images == (str(tmp_path / "a.png"), "/abs/b.png")
-    assert record.turns[1].text == "<image>\n<image>\nwhat?"
+    assert record.turns[1].text == "<image><image>what?"
     ids, _ = tokenize_record(tokenizer, record, image_token_id=tokenizer.token_to_id("<image>"), image_tokens=3)
     assert int((ids == tokenizer.token_to_id("<image>")).sum()) == 6
 
@@ -118,8 +123,14 @@ def test_images_for_a_text_only_model_and_replies_with_images_are_errors():
         {"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "ok"}]})
     with pytest.raises(RecordError, match="text only"):
         tokenize_record(tokenizer, record)
-    in_reply = parse_record({"id": "u", "image": "x.png", "conversations": [
+    # A LLaVA record's placeholders all move to the first user turn, as VILA reads them ...
+    moved = parse_record({"id": "u", "image": "x.png", "conversations": [
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": "look <image>"}]})
+    assert [t.text for t in moved.turns] == ["<image>hi", "look"]
+    # ... an OpenAI-style record's stay where they are: an image in a reply cannot be learned.
+    in_reply = parse_record({"id": "u", "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "look"}, {"type": "image", "image": "x.png"}]}]})
     with pytest.raises(RecordError, match="inside an assistant reply"):
         tokenize_record(tokenizer, in_reply, image_token_id=tokenizer.token_to_id("<image>"), image_tokens=2)
 
@@ -147,7 +158,7 @@ def test_plain_text_records_learn_every_token():
     np.testing.assert_array_equal(ids, tokenizer.encode(text) + [eos])
     assert mask.all()
     record = parse_record({"id": "i", "text": text, "image": "p.png"})
-    assert record.text == "<image>\n" + text and record.turns == ()
+    assert record.text == "<image>" + text and record.turns == ()
     ids, mask = tokenize_record(tokenizer, record, image_token_id=image_id, image_tokens=4)
     np.testing.assert_array_equal(ids[:4], [image_id] * 4)
     np.testing.assert_array_equal(mask, (ids != image_id).astype(np.int32))

@@ -234,7 +234,8 @@ def test_configuration_errors(tmp_path):
 @pytest.mark.parametrize("aspect", ["resize", "dynamic"])
 def test_training_prompt_equals_the_inference_prompt(tmp_path, aspect):
     """Tokens and tiles of a record equal what the serving path's build_media_prompt makes of the same
-    conversation (each placeholder widened to K positions); "dynamic" tiles are one image each."""
+    conversation (each placeholder widened to K positions); "dynamic" tiles are one image each. The
+    record's "<image>\n" prefix is LLaVA's; the "\n" reaches the model as the block's end embeddings."""
     from jvila.processing.media_prompt import build_media_prompt
 
     tokenizer = _tokenizer()
@@ -253,7 +254,7 @@ def test_training_prompt_equals_the_inference_prompt(tmp_path, aspect):
     batch = next(it)
     want = build_media_prompt(tokenizer, media, [
         {"role": "user", "content": [{"type": "image", "image": str(tmp_path / "wide.png")},
-                                     {"type": "text", "text": f"\n{question}"}]},
+                                     {"type": "text", "text": question}]},
         {"role": "assistant", "content": answer}], add_generation_prompt=False)
     ids = np.array(want.token_ids)
     want_tokens = np.repeat(ids, np.where(ids == cfg.image_token_id, k, 1))
