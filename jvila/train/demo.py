@@ -5,14 +5,13 @@
 1. Data: the embedded shapes dataset (`jvila.data.demo_shapes`) written as PNGs and LLaVA JSON lines,
    read back by the Grain pipeline as any training data would be.
 2. Model: the NVILA architecture of recipes/demo_shapes.yaml (SigLIP tower, 2x2 projector, Qwen2-style
-   decoder, ~0.25M parameters), drawn at random and saved as the run's starting checkpoint.
+   decoder, ~0.25M parameters), drawn at random.
 3. Training: `jvila.train.loop.train` (the loop behind `jvila train`: Orbax checkpoints, a progress
    bar, metrics) and its export, a jvila checkpoint directory.
 4. Serving: the export opened with `jvila.load`, whose `generate` runs on the serving engine; held-out
    accuracy per question type, then answers about a few demo images and real photographs.
 
-The starting weights are drawn at std `INIT_STD` (0.12), not the Hugging Face 0.02 that
-`model.init: random` uses: at width 64 the 0.02 draw keeps the model on the plateau of predicting
+The recipe draws the starting weights at std 0.12 (`model.init_std`), not the families' 0.02: at width 64 the 0.02 draw keeps the model on the plateau of predicting
 each question's answer prior for hundreds of steps (measured on this recipe: colour 45% and count
 20% held-out accuracy after 600 steps from 0.02; 100% and 100% from 0.08; from 0.12 colour is
 learnt within ~150 steps and count, depending on the seed, within 150-400).
@@ -34,7 +33,6 @@ import numpy as np
 log = logging.getLogger("jvila")
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo_shapes.yaml"
-INIT_STD = 0.12
 EVAL_TYPES = ("colour", "count", "position")
 # Chance of a guess that knows the question's answer set: 5 colours, 4 counts, 2 sides of the asked axis.
 CHANCE = {"colour": 1 / 5, "count": 1 / 4, "position": 1 / 2}
@@ -64,34 +62,15 @@ def demo_recipe(output_dir: Path, overrides=()):
                                 f"data.paths={json.dumps([str(output_dir / 'data' / 'train.jsonl')])}", *overrides])
 
 
-def scaled_random_init(recipe, dst: Path, init_std: float = INIT_STD) -> tuple[Path, int]:
-    """The recipe's random model with every drawn weight at std `init_std`, saved where jvila.load opens it
-    (and its parameter count).
-
-    `build_model` draws at the Hugging Face std (`jvila.models.llm.INIT_STD`); every parameter with two
-    or more axes is drawn that way (norm scales are ones and 1-D biases zeros), so scaling those sets
-    the std without touching the constant ones.
-    """
+def _parameter_count(recipe) -> int:
+    import jax
     from flax import nnx
 
-    from jvila.models.llm import INIT_STD as DRAWN_STD
-    from jvila.models.params import flat_params
-    from jvila.train.checkpointing import export
-    from jvila.train.loop import build_model
+    from jvila.models.nvila import abstract_nvila
+    from jvila.train.recipe import model_config_from_dict
 
-    built = build_model(recipe)
-    factor = init_std / DRAWN_STD
-    params = {name: np.asarray(value) * (factor if value.ndim >= 2 else 1.0)
-              for name, value in flat_params(nnx.state(built.model, nnx.Param)).items()}
-    export(params, built.config, built.tokenizer_files, dst, preprocessor=built.preprocessor)
-    return dst, sum(value.size for value in params.values())
-
-
-def starting_from(recipe, checkpoint: Path):
-    """The recipe with its model loaded from `checkpoint` (which brings config, tokenizer and preprocessor)."""
-    from jvila.train.recipe import ModelSpec
-
-    return dataclasses.replace(recipe, model=ModelSpec(init=str(checkpoint), seed=recipe.model.seed))
+    model = abstract_nvila(model_config_from_dict(recipe.model.config))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def read_eval(path: Path) -> list[dict]:
@@ -119,7 +98,7 @@ def _clear(output_dir: Path) -> None:
 
 
 def run_demo(output_dir, *, steps: int | None = None, num_train: int = 3000, num_eval: int = 300, seed: int = 0,
-             init_std: float = INIT_STD, overrides=(), show_examples: bool = True, out=sys.stdout) -> DemoResult:
+             overrides=(), show_examples: bool = True, out=sys.stdout) -> DemoResult:
     """Data, random init, training, export, `jvila.load`, held-out accuracy; `show_examples` adds answers
     about demo images and photographs. Results on `out`; the loop's progress and logs on stderr."""
     import jvila
@@ -149,14 +128,14 @@ def run_demo(output_dir, *, steps: int | None = None, num_train: int = 3000, num
                               image_size=recipe.model.config["vision"]["image_size"])
     t = stage("data", t)
 
-    init_dir, num_params = scaled_random_init(recipe, output_dir / "init", init_std)
-    print(f"[2/4] training a tiny NVILA ({num_params / 1e6:.2f}M parameters, random init at std {init_std}) for "
-          f"{recipe.train.steps} steps (recipe {RECIPE.name}; progress on stderr)", file=out, flush=True)
+    print(f"[2/4] training a tiny NVILA ({_parameter_count(recipe) / 1e6:.2f}M parameters, random init at std "
+          f"{recipe.model.init_std}) for {recipe.train.steps} steps (recipe {RECIPE.name}; progress on stderr)",
+          file=out, flush=True)
     # One device: the model is tiny (sharding it over many would only add collectives), and the
     # demo's numbers do not depend on how many devices the host has (or simulates).
     import jax
 
-    summary = train(starting_from(recipe, init_dir), devices=jax.local_devices()[:1])
+    summary = train(recipe, devices=jax.local_devices()[:1])
     final_loss = summary.losses[max(summary.losses)]
     t = stage("train", t)
 

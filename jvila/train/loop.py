@@ -83,7 +83,7 @@ def build_model(recipe: Recipe) -> BuiltModel:
         cfg = _extended(cfg, spec)
         _check_vocab(cfg, files)
         module = NVILA if isinstance(cfg, NVILAConfig) else LLM
-        return BuiltModel(_random_model(module, cfg, spec.seed), cfg, files, spec.preprocessor, None)
+        return BuiltModel(_random_model(module, cfg, spec.seed, spec.init_std), cfg, files, spec.preprocessor, None)
     cfg, params, tok_dir = load_checkpoint(resolve_checkpoint(spec.init))
     files = read_tokenizer_files(tok_dir)
     preprocessor = None
@@ -94,17 +94,27 @@ def build_model(recipe: Recipe) -> BuiltModel:
     return BuiltModel(build(cfg, params), cfg, files, preprocessor, spec.init)
 
 
-def _random_model(module, cfg, seed: int):
+def _random_model(module, cfg, seed: int, init_std: float | None = None):
     """`module(cfg)` with weights drawn from `seed`, initialised in one compiled program: op by op,
     every parameter shape would compile its own draw, and threefry's unrolled rounds compile slowly
     (seconds even for a tiny model); XLA's RNG bit generator ("rbg") compiles fast. The same seed
-    gives the same weights in every process of a run (the same backend draws them)."""
+    gives the same weights in every process of a run (the same backend draws them).
+
+    `init_std` rescales the drawn weights: every parameter of two or more axes is drawn at
+    `jvila.models.llm.INIT_STD` (norm scales are ones, 1-D biases zeros and stay so)."""
+    from jvila.models.llm import INIT_STD
+
+    factor = 1.0 if init_std is None else init_std / INIT_STD
+
     def make():
         return module(cfg, rngs=nnx.Rngs(params=jax.random.key(seed, impl="rbg")))
 
+    def draw():
+        state = nnx.split(make())[1]
+        return jax.tree.map(lambda x: x * factor if x.ndim >= 2 else x, state)
+
     graphdef, _ = nnx.split(nnx.eval_shape(make))
-    state = jax.jit(lambda: nnx.split(make())[1])()
-    return nnx.merge(graphdef, state)
+    return nnx.merge(graphdef, jax.jit(draw)())
 
 
 def _tokenizer_files(source: str) -> dict[str, str | bytes]:

@@ -11,8 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from jvila.checkpoints.orbax_io import load_checkpoint
+from flax import nnx
+
+from jvila.models.params import flat_params
 from jvila.train import demo
+from jvila.train.loop import build_model
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +43,17 @@ def test_short_demo_answers_far_above_chance(short_run):
         "height": 32, "width": 32}
 
 
-def test_starting_weights_are_drawn_at_the_demo_std(short_run):
-    directory, _, _ = short_run
-    _, params, _ = load_checkpoint(directory / "init")
+def test_starting_weights_are_drawn_at_the_recipes_std(tmp_path):
+    recipe = demo.demo_recipe(tmp_path)
+    assert recipe.model.init_std == 0.12
+    params = flat_params(nnx.state(build_model(recipe).model, nnx.Param))
     kernels = [v for v in params.values() if v.ndim >= 2 and v.size >= 1024]
     assert kernels
     for value in kernels:
         # The sample std of >= 1024 normal draws is within 10% of the true std (~4.5 standard errors).
-        assert abs(float(np.std(value)) - demo.INIT_STD) < 0.1 * demo.INIT_STD
+        assert abs(float(np.std(value)) - 0.12) < 0.1 * 0.12
     norms = [v for name, v in params.items() if name.endswith(".scale")]  # RMSNorm and LayerNorm scales
-    assert norms and all(np.all(v == 1.0) for v in norms)  # constant parameters are left as they were
+    assert norms and all(np.all(np.asarray(v) == 1.0) for v in norms)  # constant parameters are left as they were
 
 
 def test_a_foreign_output_directory_is_refused(tmp_path):

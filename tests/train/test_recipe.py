@@ -94,6 +94,7 @@ def test_unknown_key_in_the_file(tmp_path):
     ("lora.rank=0", "LoRA rank must be a positive integer"),
     ("mesh.fsdp=-2", "mesh"),
     ("model.context_length=-5", "model.context_length must be positive"),
+    ("model.init_std=0", "model.init_std must be positive"),
     ("model.tokenizer=null", "give model.tokenizer"),
     ("train.steps", "key=value"),
     ("train.grad_accum=3", "does not divide data.global_batch_size 4"),
