@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_suite_dry_run(tmp_path):
-    # nvila_prefill and serve_throughput, the suite's other steps, have dry-run tests of their own.
+    # nvila_prefill, serve_throughput, multi_lora and train_mfu, the suite's other steps, have dry-run
+    # tests of their own.
     env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path),
                STEPS="gpu_flash_attention gpu_paged_attention gpu_lora gpu_model")
     env.pop("XLA_FLAGS", None)  # one device is what the suite expects
