@@ -32,6 +32,8 @@ import transformers
 
 from tiny_hf import randomize
 
+from jvila.data.demo_shapes import bpe_tokenizer_files
+
 IMAGE_TOKEN, VIDEO_TOKEN, SENTINEL_TOKEN = "<image>", "<vila/video>", "<vila/sentinel>"
 # VILA's qwen2.jinja as its tokenizer builder stores it (indentation and line breaks stripped).
 CHAT_TEMPLATE = (
@@ -55,25 +57,8 @@ S2_SCALES = (TILE, 2 * TILE, 3 * TILE)
 
 
 def build_tokenizer_files(seed_corpus: list[str] = _CORPUS) -> dict[str, str]:
-    """A byte-level BPE tokenizer with Qwen2's chat tokens and VILA's media tokens, built offline."""
-    model = tokenizers.Tokenizer(tokenizers.models.BPE())
-    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    model.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    model.train_from_iterator(seed_corpus, trainer)
-    # VILA adds its media tokens after the base vocabulary (llava/model/language_model/builder.py).
-    model.add_special_tokens([IMAGE_TOKEN, VIDEO_TOKEN, SENTINEL_TOKEN])
-    config = {
-        "tokenizer_class": "Qwen2Tokenizer",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 4096,
-    }
-    return {"tokenizer.json": model.to_str(), "tokenizer_config.json": json.dumps(config)}
+    """A byte-level BPE tokenizer with Qwen2's chat tokens, VILA's qwen2 template and media tokens, offline."""
+    return bpe_tokenizer_files(seed_corpus, vocab_size=320, chat_template=CHAT_TEMPLATE)
 
 
 @dataclasses.dataclass

@@ -235,6 +235,14 @@ def demo_tokenizer_files(vocab_size: int = 400) -> dict[str, str]:
     Any text still encodes (byte-level); the demo's phrases take few tokens. The files are what
     `jvila.processing.tokenizer.Tokenizer.from_files` reads and what a checkpoint's tokenizer dir holds.
     """
+    # Repeated: every phrase is frequent enough to merge.
+    return bpe_tokenizer_files(demo_corpus() * 4, vocab_size=vocab_size, chat_template=CHAT_TEMPLATE)
+
+
+def bpe_tokenizer_files(corpus: list[str], *, vocab_size: int, chat_template: str) -> dict[str, str]:
+    """Qwen2-style tokenizer files for a byte-level BPE trained on `corpus`: ChatML's special tokens, then
+    VILA's media tokens, appended after the base vocabulary as VILA's builder does
+    (llava/model/language_model/builder.py)."""
     import tokenizers  # local: the worker-side modules of jvila.data do not need it
 
     model = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -243,16 +251,14 @@ def demo_tokenizer_files(vocab_size: int = 400) -> dict[str, str]:
     trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    corpus = demo_corpus()
-    model.train_from_iterator(corpus * 4, trainer)  # repeats: every phrase is frequent enough to merge
-    # VILA appends its media tokens after the base vocabulary (llava/model/language_model/builder.py).
+    model.train_from_iterator(corpus, trainer)
     model.add_special_tokens([IMAGE_TOKEN, VIDEO_TOKEN, SENTINEL_TOKEN])
     config = {
         "tokenizer_class": "Qwen2Tokenizer",
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "model_max_length": 4096,
     }
     return {"tokenizer.json": model.to_str(), "tokenizer_config.json": json.dumps(config)}

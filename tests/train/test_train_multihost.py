@@ -7,9 +7,6 @@ here are fed exactly that (`TwoShards` packs both shards in this process), so al
 same batches and differ only in how the sums are split and ordered.
 """
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from jvila.processing.tokenizer import Tokenizer
 from jvila.train.loop import train
 from jvila.train.recipe import load_recipe
 from tiny_recipe import read_losses, write_tiny_run
+from two_processes import finish_two_processes, start_two_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -50,43 +48,12 @@ class TwoShards:
             part.set_state(s)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_two_processes(recipe: Path) -> list[subprocess.Popen]:
-    port = free_port()
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   JVILA_COORDINATOR=f"127.0.0.1:{port}", JVILA_NUM_PROCESSES="2", JVILA_PROCESS_ID=str(pid),
-                   PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "jvila.cli", "train", str(recipe)], env=env,
-                                      cwd=recipe.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
-
-
-def finish_two_processes(procs: list[subprocess.Popen]) -> list[str]:
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=400)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-4000:]
-    return logs
-
-
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
     fsdp_tensor = {"fsdp": 4, "tensor": 2}
     # The two processes start first and train while this one runs the other two layouts.
     recipe = write_tiny_run(tmp_path / "two", steps=STEPS, every=2, mesh=fsdp_tensor)
-    procs = start_two_processes(recipe)
+    procs = start_two_processes([sys.executable, "-m", "jvila.cli", "train", str(recipe)], pythonpath=[ROOT],
+                                cwd=recipe.parent)
     try:
         one = load_recipe(write_tiny_run(tmp_path / "one", steps=STEPS, every=2, mesh={"fsdp": 1}))
         want = train(one, devices=jax.devices()[:1], iterator=TwoShards(one)).losses
