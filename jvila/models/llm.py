@@ -192,8 +192,8 @@ class LLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             pages = None if cache is None else (cache.k_pages[i], cache.v_pages[i])
             if remat != "none":
-                x, pages = _rematerialized_layer(layer, x, remat, attention=attention, mask_info=mask_info,
-                                                 lora=None if lora is None else lora.layer(i)), None
+                x = _rematerialized_layer(layer, x, remat, attention=attention, mask_info=mask_info,
+                                          lora=None if lora is None else lora.layer(i))
                 continue
             x, pages = layer(
                 x, attention=attention, mask_info=mask_info, cache_info=cache_info, pages=pages, num_new=num_new,
