@@ -1,5 +1,6 @@
-"""One recipe, three layouts, one loss curve: one device; 8 simulated devices with FSDP x tensor; and two
-`jvila train` processes x 4 CPU devices each (jax.distributed with gloo on loopback, a free port).
+"""One recipe, four layouts, one loss curve: one device; 8 simulated devices with FSDP x tensor, and with
+FSDP x 2D sequence parallelism; and two `jvila train` processes x 4 CPU devices each (jax.distributed
+with gloo on loopback, a free port).
 
 Two processes each read their own shard of the records (records p, p + 2, ...) and pack their own
 rows; the global batch is process 0's rows then process 1's. The one-device and 8-device runs
@@ -61,6 +62,12 @@ def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
 
         eight = load_recipe(write_tiny_run(tmp_path / "eight", steps=STEPS, every=2, mesh=fsdp_tensor))
         got = train(eight, devices=jax.devices(), iterator=TwoShards(eight)).losses
+        np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], **TOL)
+
+        # Sequences split too: 2D attention (Ulysses inside, ring across) chosen from the mesh.
+        two_d = load_recipe(write_tiny_run(tmp_path / "2d", steps=STEPS, every=STEPS,
+                                           mesh={"fsdp": 2, "sequence": 2, "sequence_a2a": 2}))
+        got = train(two_d, devices=jax.devices(), iterator=TwoShards(two_d)).losses
         np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], **TOL)
     except BaseException:
         for proc in procs:
