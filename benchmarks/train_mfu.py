@@ -44,6 +44,7 @@ from jvila.models.kernel_attention import KernelAttention
 from jvila.models.llm import LLM
 from jvila.models.params import abstract_model
 from jvila.train import optimizer as opt
+from jvila.train.metrics import peak_tflops
 from jvila.train.step import init_train_state, make_train_step
 
 # Qwen2-shaped, 1.33B parameters (311M of them the input embedding, lm_head untied).
@@ -53,14 +54,6 @@ CPU_MODEL = LLMConfig(vocab_size=2048, hidden_size=256, intermediate_size=704, n
                       num_kv_heads=2, head_dim=64, family="qwen2", qkv_bias=True)
 DRY_MODEL = LLMConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
                       head_dim=8, family="qwen2", qkv_bias=True)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
-
-
-def peak_tflops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-
-
 def model_flops_per_step(cfg: LLMConfig, rows: int, seq: int) -> float:
     """6 (N - embedding) per token + causal attention, see the module docstring."""
     shapes = {n: v.shape for n, v in
@@ -208,7 +201,7 @@ def main(argv=None) -> int:
     variants = [(r, "unpacked") for r in remats] + ([(remats[0], "packed")] if gpu else [])
     batches = [random_batch(cfg, rows, seq, i) for i in range(3)]
     flops = model_flops_per_step(cfg, rows, seq)
-    peak = peak_tflops()
+    peak = peak_tflops(jax.devices()[0].device_kind)
     params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract_model(cfg))))
     print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, {params / 1e6:.3g}M params; batch {rows} x {seq}, "
           f"{dtype.name} compute, float32 AdamW; {flops:.4e} model FLOPs per step; peak "
