@@ -103,7 +103,7 @@ def _resolve(implementation, in_dim, out_dim, max_rank, backend=None):
     return "xla"
 
 
-def _segment_token_indices(segment_starts, segment_adapters, num_tokens):
+def segment_token_indices(segment_starts, segment_adapters, num_tokens):
     """Per-token adapter index (-1 outside every segment) from an SGMV segment list."""
     token = jnp.arange(num_tokens, dtype=jnp.int32)
     segment = jnp.searchsorted(segment_starts, token, side="right").astype(jnp.int32) - 1
@@ -140,7 +140,7 @@ def sgmv_reference(y, x, lora_a, lora_b, segment_starts, segment_adapters, scale
     segment_starts [num_segments + 1] int32 (starts[0] = 0; starts[-1] = valid tokens, the rest
     are returned unchanged), segment_adapters [num_segments] int32 (-1 allowed).
     """
-    indices = _segment_token_indices(segment_starts, segment_adapters, x.shape[0])
+    indices = segment_token_indices(segment_starts, segment_adapters, x.shape[0])
     return bgmv_reference(y, x, lora_a, lora_b, indices, scales)
 
 
@@ -350,7 +350,7 @@ def sgmv(y, x, lora_a, lora_b, segment_starts, segment_adapters, scales, *, impl
     if num_tokens == 0:
         return y
     if impl in ("reference", "xla"):
-        indices = _segment_token_indices(segment_starts, segment_adapters, num_tokens)
+        indices = segment_token_indices(segment_starts, segment_adapters, num_tokens)
         fn = bgmv_reference if impl == "reference" else _bgmv_xla
         return fn(y, x, lora_a, lora_b, indices, scales)
     if impl in _TPU_IMPLEMENTATIONS:

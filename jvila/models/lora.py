@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jvila.checkpoints.errors import CheckpointError
 from jvila.config import LLMConfig
-from pallas_kernels.lora import bgmv, sgmv
+from pallas_kernels.lora import bgmv, segment_token_indices, sgmv
 from sharding.rules import DEFAULT_RULES, logical_to_spec
 
 # The decoder's projections an adapter may target, by their Hugging Face names.
@@ -378,13 +378,11 @@ def segment_dense_lora(y, x, lora_a, lora_b, segment_starts, segment_adapters, s
 
     Work T x S x in x r for S segments, instead of T x n for all n adapters.
     """
-    num_adapters, num_tokens = lora_a.shape[0], x.shape[0]
+    num_adapters, num_segments = lora_a.shape[0], segment_adapters.shape[0]
     used = (segment_adapters >= 0) & (segment_adapters < num_adapters)
     adapter = jnp.where(used, segment_adapters, 0)
-    token = jnp.arange(num_tokens, dtype=jnp.int32)
-    segment = jnp.searchsorted(segment_starts, token, side="right").astype(jnp.int32) - 1
-    inside = (token < segment_starts[-1]) & (segment >= 0)
-    segment = jnp.where(inside, segment, -1)
+    # Each token's segment (-1 outside every segment): the segments' own adapters are indexed by segment.
+    segment = segment_token_indices(segment_starts, jnp.arange(num_segments, dtype=jnp.int32), x.shape[0])
     return dense_lora(y, x, lora_a[adapter], lora_b[adapter], segment, jnp.where(used, scales[adapter], 0.0))
 
 
