@@ -85,11 +85,12 @@ def _align(ids: list[int], template: list[int]) -> list[int] | None:
 
 
 def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int | None = None,
-                    image_tokens: int = 1, images_per_placeholder: list[int] | None = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    image_tokens: int = 1, images_per_placeholder: list[int] | None = None,
+                    video_token_id: int | None = None, video_tokens: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [n], loss_mask int32 [n]) for one record, each image placeholder expanded to
     `image_tokens` copies of `image_token_id` (times `images_per_placeholder[i]` for the i-th
-    placeholder when one image is several tiles, each its own block)."""
+    placeholder when one image is several tiles, each its own block), each video placeholder to
+    `video_tokens` copies of `video_token_id` (one video block)."""
     turns = record.turns if record.text is None else (Turn("user", record.text),)
     if images_per_placeholder is not None:
         turns = _expand_placeholders(turns, images_per_placeholder)
@@ -100,6 +101,8 @@ def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int
         mask = np.ones(len(ids), np.int32)
         if image_token_id is not None:
             mask[ids == image_token_id] = 0
+        if video_token_id is not None:
+            mask[ids == video_token_id] = 0
     else:
         # VILA strips every message before rendering it.
         messages = [{"role": turn.role, "content": turn.text.strip()} for turn in turns]
@@ -109,7 +112,7 @@ def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int
     if image_token_id is None:
         if expected:
             raise RecordError(record.id, "has images but the model takes text only")
-        return ids, mask
+        return _widen_videos(ids, mask, record, video_token_id, video_tokens)
     where = ids == image_token_id
     if int(where.sum()) != expected:
         raise RecordError(record.id, f"the rendered prompt has {int(where.sum())} image tokens for {expected} "
@@ -118,6 +121,23 @@ def tokenize_record(tokenizer: Tokenizer, record: Record, *, image_token_id: int
         raise RecordError(record.id, "an image placeholder lies inside an assistant reply; images belong to "
                           "user turns")
     repeats = np.where(where, image_tokens, 1)
+    return _widen_videos(np.repeat(ids, repeats), np.repeat(mask, repeats), record, video_token_id, video_tokens)
+
+
+def _widen_videos(ids: np.ndarray, mask: np.ndarray, record: Record, video_token_id: int | None,
+                  video_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each video placeholder id → `video_tokens` copies (the rows of its block), none learned."""
+    if video_token_id is None:
+        if record.videos:
+            raise RecordError(record.id, "has videos but the model takes no video")
+        return ids, mask
+    where = ids == video_token_id
+    if int(where.sum()) != len(record.videos):
+        raise RecordError(record.id, f"the rendered prompt has {int(where.sum())} video tokens for "
+                          f"{len(record.videos)} videos; the chat template or tokenizer lost or split a placeholder")
+    if np.any(mask[where]):
+        raise RecordError(record.id, "a video placeholder lies inside an assistant reply; videos belong to user turns")
+    repeats = np.where(where, video_tokens, 1)
     return np.repeat(ids, repeats), np.repeat(mask, repeats)
 
 

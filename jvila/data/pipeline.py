@@ -12,8 +12,9 @@ Everything up to packing is a Grain dataset; packing is `TrainIterator`, a Grain
 whose `get_state()` / `set_state()` cover the whole chain (JSON-serializable, as Grain's checkpoint
 handler writes it): a resumed iterator yields exactly the batches an uninterrupted one would.
 
-Bad records — malformed JSON, no assistant turn, a missing or corrupt image, more tokens than L,
-more images than max_images_per_row — are skipped with a `SkippedRecordWarning` and counted in
+Bad records — malformed JSON, no assistant turn, a missing or corrupt image or video (or one with
+fewer decodable frames than min_video_frames), more tokens than L, more images or videos than a
+row takes — are skipped with a `SkippedRecordWarning` and counted in
 `iterator.skipped` (by reason; the counts are part of the saved state). The run goes on.
 
 Worker processes are spawned (Grain's choice): a script that builds the iterator with
@@ -49,7 +50,7 @@ from jvila.processing.errors import MediaError
 log = logging.getLogger(__name__)
 
 # Why a record was skipped; the keys of `TrainIterator.skipped`.
-SKIP_REASONS = ("bad_record", "bad_media", "too_long", "too_many_images", "unsupported")
+SKIP_REASONS = ("bad_record", "bad_media", "too_long", "too_many_images", "too_many_videos", "unsupported")
 
 
 class SkippedRecordWarning(UserWarning):
@@ -65,6 +66,15 @@ class DataConfig:
     image_root: str | None = None
     packing_length: int = 2048
     max_images_per_row: int = 4
+    # Videos (a vision model): every batch carries `videos` [B, max_videos_per_row, T, H, W, 3];
+    # 0 leaves the entry out (video records are skipped as unsupported). Each video row costs T frames
+    # through the tower in every step, used or not: image-only data trains faster with 0.
+    max_videos_per_row: int = 1
+    min_video_frames: int = 1  # a video with fewer decodable frames is bad media
+    # Dynamic-S2 (a dynamic_s2 model with "dynamic_s2" media settings): the row's tile budget, N of
+    # `images` [B, N, ...], in place of max_images_per_row. None: enough for max_images_per_row - 1
+    # single tiles plus the largest Dynamic-S2 image (1 + 4 + max_tiles tiles for NVILA's scales).
+    max_tiles_per_row: int | None = None
     global_batch_size: int = 8
     seed: int = 0
     shuffle: bool = True
@@ -86,6 +96,11 @@ class DataConfig:
             raise ValueError(f"DataConfig.packing_length must be at least 2, got {self.packing_length}")
         if self.max_images_per_row < 0 or self.num_workers < 0:
             raise ValueError("DataConfig.max_images_per_row and num_workers must not be negative")
+        if self.max_videos_per_row < 0 or self.min_video_frames < 1:
+            raise ValueError(f"DataConfig.max_videos_per_row must not be negative (got {self.max_videos_per_row}) "
+                             f"and min_video_frames must be at least 1 (got {self.min_video_frames})")
+        if self.max_tiles_per_row is not None and self.max_tiles_per_row < 1:
+            raise ValueError(f"DataConfig.max_tiles_per_row must be at least 1 or None, got {self.max_tiles_per_row}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError(f"DataConfig.num_epochs must be at least 1 or None (forever), got {self.num_epochs}")
         if not 0 <= self.seed < 2**32:
@@ -108,13 +123,15 @@ class _Media:
     settings: Any  # jvila.processing.media_prompt.MediaSettings
     image_token_id: int
     image_tokens: int  # K: rows of one image block, end tokens included
+    s2: Any = None  # jvila.train.dynamic_s2.S2Layout when training Dynamic-S2 tiles
 
 
 class PrepareExample:
     """One raw record -> `Example` (or `Skipped`). Picklable: Grain's worker processes run it."""
 
-    def __init__(self, tokenizer, media: _Media | None, image_roots: list[str | None]):
+    def __init__(self, tokenizer, media: _Media | None, image_roots: list[str | None], videos=None):
         self.tokenizer, self.media, self.image_roots = tokenizer, media, image_roots
+        self.videos = videos  # jvila.data.video_examples.VideoInputs, None: video records are skipped
 
     def __call__(self, item) -> Example | Skipped:
         raw, source, index = item
@@ -123,21 +140,27 @@ class PrepareExample:
             raw, in_memory = (raw, None) if isinstance(raw, str) else _tfds_record(raw, record_id)
             record = parse_record(raw, self.image_roots[source], fallback_id=record_id)
             record_id = record.id
-            if record.videos:
-                return Skipped(record.id, "unsupported", "video records are not trained yet")
+            if record.videos and self.videos is None:
+                why = "the model takes text only" if self.media is None else "max_videos_per_row is 0"
+                return Skipped(record.id, "unsupported", f"the record has videos but {why}")
             images = list(in_memory) if in_memory is not None else list(record.images)
             if images and self.media is None:
                 return Skipped(record.id, "unsupported", "the record has images but the model takes text only")
-            tiles, per_image = self._tiles(images)
+            s2 = self.media is not None and self.media.s2 is not None
+            tiles, per_image, grids = self._s2_tiles(images) if s2 else (*self._tiles(images), None)
+            clips = self.videos.frames(record.videos) if record.videos else None
             tokens, mask = tokenize_record(
                 self.tokenizer, record, image_token_id=None if self.media is None else self.media.image_token_id,
-                image_tokens=1 if self.media is None else self.media.image_tokens,
-                images_per_placeholder=per_image if any(n > 1 for n in per_image) else None)
+                image_tokens=1 if self.media is None else self.media.s2.image_rows(grids[0]) if grids
+                else self.media.image_tokens,
+                images_per_placeholder=per_image if any(n > 1 for n in per_image) else None,
+                video_token_id=None if self.videos is None else self.videos.token_id,
+                video_tokens=1 if self.videos is None else self.videos.tokens)
         except RecordError as e:
             return Skipped(e.record_id, "bad_record", e.problem)
         except MediaError as e:
             return Skipped(record_id, "bad_media", str(e))
-        return Example(tokens, mask, tiles, record.id)
+        return Example(tokens, mask, tiles, record.id, videos=clips, image_grids=grids)
 
     def _tiles(self, images) -> tuple[np.ndarray | None, list[int]]:
         if not images:
@@ -158,6 +181,25 @@ class PrepareExample:
             tiles.append(parts)
             per_image.append(len(parts))
         return np.concatenate(tiles).astype(np.float32), per_image
+
+
+    def _s2_tiles(self, images) -> tuple[np.ndarray | None, list[int], tuple | None]:
+        """(tiles, [1] per image, per-image grids) as inference makes them (`media_prompt.image_media`): a
+        record's lone image → its Dynamic-S2 tiles and (rows, cols) grid, one `<image>` for all of them;
+        several images → one tile each (grid None).
+
+        VILA's training dataset differs here: LazySupervisedDataset (llava/data/dataset.py) passes every
+        image of a record through `dynamic_s2_process_images_and_prompt`, so multi-image records train on
+        Dynamic-S2 tiles of each image, while its inference (`generate_content`) tiles only a lone image.
+        We follow inference, so training sees exactly the tokens serving will feed.
+        """
+        if not images:
+            return None, [], None
+        from jvila.processing.media_prompt import image_media
+
+        media = image_media(self.media.settings, images)
+        return (np.concatenate([m.tiles for m in media]).astype(np.float32), [1] * len(media),
+                tuple(m.grid for m in media))
 
 
 def _tfds_record(element, fallback_id) -> tuple[dict, list | None]:
@@ -228,6 +270,25 @@ def _tfds_source(spec: str):
                          "nothing is downloaded at training time") from None
 
 
+def _s2_layout(cfg: DataConfig, settings, nvila_config):
+    """The Dynamic-S2 batch layout when the model and the media settings both use Dynamic-S2, else None."""
+    if settings.image_aspect_ratio != "dynamic_s2":
+        return None
+    from jvila.train.dynamic_s2 import S2Layout
+
+    if not nvila_config.dynamic_s2:
+        raise ValueError("the media settings tile images with Dynamic-S2 but the model has no dynamic_s2 features")
+    if tuple(settings.s2_scales) != tuple(nvila_config.s2_scales) or settings.tile_size != nvila_config.vision.image_size:
+        raise ValueError(f"the media settings' S2 scales {tuple(settings.s2_scales)} and {settings.tile_size} px tiles "
+                         f"differ from the model's {tuple(nvila_config.s2_scales)} and "
+                         f"{nvila_config.vision.image_size} px tower")
+    budget = cfg.max_tiles_per_row
+    if budget is None:
+        largest = S2Layout.create(nvila_config, 1 << 30, settings.max_tiles).image_tiles((1, settings.max_tiles))
+        budget = max(cfg.max_images_per_row, 1) - 1 + largest
+    return S2Layout.create(nvila_config, budget, settings.max_tiles)
+
+
 class TrainIterator(grain.DatasetIterator):
     """Packed batches over a Grain iterator of prepared examples; checkpointable.
 
@@ -266,7 +327,8 @@ class TrainIterator(grain.DatasetIterator):
                 if isinstance(item, Skipped):
                     self._skip(item.record_id, item.reason, item.detail)
                     continue
-                unfit = unfit_reason(item, packer.length, packer.max_images)
+                unfit = unfit_reason(item, packer.length, packer.max_images, packer.max_videos,
+                                     image_budget=packer.image_budget)
                 if unfit is not None:
                     self._skip(item.record_id, *unfit)
                     continue
@@ -316,7 +378,8 @@ def build_train_iterator(cfg: DataConfig, tokenizer, media_settings=None, nvila_
     tokenizer: a `jvila.processing.tokenizer.Tokenizer` with a chat template (the sentinel token
     VILA's masking needs is added to it if missing). media_settings and nvila_config: None for a
     text-only model; else the image tiles' preprocessing and the model config (image_token_id and
-    K = image_token_count(nvila_config) image positions per tile).
+    K = image_token_count(nvila_config) image positions per tile; with max_videos_per_row > 0, videos
+    of the settings' num_video_frames frames, Kv = video_token_count(nvila_config, T) positions each).
     """
     if process_index is None or process_count is None:
         import jax
@@ -332,7 +395,7 @@ def build_train_iterator(cfg: DataConfig, tokenizer, media_settings=None, nvila_
     if (media_settings is None) != (nvila_config is None):
         raise ValueError("give both media_settings and nvila_config (a vision model) or neither (text only)")
     ensure_sentinel_token(tokenizer)
-    media, image_shape = None, None
+    media, image_shape, videos = None, None, None
     if nvila_config is not None:
         from jvila.models.nvila import image_token_count
         from jvila.processing.media_prompt import ensure_media_tokens
@@ -341,20 +404,24 @@ def build_train_iterator(cfg: DataConfig, tokenizer, media_settings=None, nvila_
         if image_id != nvila_config.image_token_id:
             raise ValueError(f"the tokenizer's <image> id {image_id} differs from the model's image_token_id "
                              f"{nvila_config.image_token_id}")
-        if media_settings.image_aspect_ratio == "dynamic_s2":
-            warnings.warn("training feeds each image as one tile; Dynamic-S2 tiling is not trained yet", stacklevel=2)
-        media = _Media(media_settings, image_id, image_token_count(nvila_config))
+        s2 = _s2_layout(cfg, media_settings, nvila_config)
+        media = _Media(media_settings, image_id, image_token_count(nvila_config), s2)
         image_shape = (*media_settings.preprocessor.size, 3)
         if cfg.max_images_per_row < 1:
             raise ValueError("a vision model's DataConfig needs max_images_per_row >= 1")
+        if cfg.max_videos_per_row > 0:
+            from jvila.data.video_examples import video_inputs
+
+            videos = video_inputs(tokenizer, media_settings, nvila_config, cfg.min_video_frames)
 
     items, roots = _read_sources(cfg.paths, cfg.image_root)
+    s2 = media.s2 if media else None
     dataset = grain.MapDataset.source(items)[process_index::process_count]
     if len(dataset) == 0:
         raise ValueError(f"process {process_index} of {process_count} gets no records: only {len(items)} in all")
     if cfg.shuffle:
         dataset = dataset.shuffle(seed=cfg.seed)
-    dataset = dataset.repeat(cfg.num_epochs).map(PrepareExample(tokenizer, media, roots))
+    dataset = dataset.repeat(cfg.num_epochs).map(PrepareExample(tokenizer, media, roots, videos))
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * cfg.read_threads)
     examples = dataset.to_iter_dataset(read)
     if cfg.num_workers > 0:
@@ -363,5 +430,8 @@ def build_train_iterator(cfg: DataConfig, tokenizer, media_settings=None, nvila_
             num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     packer = RowPacker(cfg.global_batch_size // process_count, cfg.packing_length,
-                       max_images=cfg.max_images_per_row if media else 0, image_shape=image_shape, pad_id=pad_id)
+                       max_images=(s2.max_tiles if s2 else cfg.max_images_per_row) if media else 0,
+                       image_shape=image_shape, pad_id=pad_id, s2=s2 if media else None,
+                       max_videos=cfg.max_videos_per_row if videos else 0,
+                       video_shape=videos.frame_shape if videos else None)
     return TrainIterator(iter(examples), packer)

@@ -7,7 +7,8 @@ A record (one JSON object per line of a .jsonl file, or the items of a .json lis
 
 Image paths are relative to an image root (absolute paths stay as they are). OpenAI-style records
 are read too: {"id", "messages": [{"role", "content": str | [{"type": "text", "text"},
-{"type": "image", "image": path}]}], "images": [...]}; image parts become `<image>` placeholders.
+{"type": "image", "image": path}, {"type": "video", "video": path}]}], "images": [...],
+"videos": [...]}; image and video parts become `<image>` and `<vila/video>` placeholders.
 Plain-text records {"id", "text": "...", "image"?: ...} (language-model pretraining, LongVILA's
 context extension) learn every token of the text, with no chat template.
 
@@ -15,9 +16,12 @@ LLaVA/VILA records with images are read as VILA's `LLaVADataset` reads them: eve
 placeholder (and a newline beside it) is removed, and the images go first in the first user turn,
 right before its text — where the inference prompt builder puts them. A record with placeholders
 must have exactly as many as it has images (VILA would train on a mismatch; here it is a bad
-record). OpenAI-style and plain-text records keep their placeholders where they are; without any,
-one per image goes at the start of the first user turn. Every problem is a `RecordError` naming
-the record.
+record). Videos ("video": path | [paths]) go right after the images as `<vila/video>` placeholders,
+one per video (the released NVILA's video token); in a record with videos, `<image>` and `<video>`
+placeholders are dropped as VILA drops them (LLaVA-Video's records mark their video with `<image>`).
+OpenAI-style and plain-text records keep their placeholders where they are; without any, one per
+image, then one per video, goes at the start of the first user turn. Every problem is a
+`RecordError` naming the record.
 """
 
 from __future__ import annotations
@@ -93,15 +97,17 @@ def parse_record(raw: str | dict, image_root: str | os.PathLike | None = None, *
     if "text" in raw and "conversations" not in raw and "messages" not in raw:
         return _text_record(record_id, raw, root)
     if "messages" in raw and "conversations" not in raw:
-        turns, images = _openai_turns(record_id, raw)
+        turns, images, videos = _openai_turns(record_id, raw)
     else:
         turns, images = _llava_turns(record_id, raw), _paths(record_id, raw.get("image"), "image")
-        if images:
+        videos = _paths(record_id, raw.get("video"), "video")
+        if videos:
+            turns = _media_first_with_videos(record_id, turns, len(images), len(videos))
+        elif images:
             turns = _media_first(record_id, turns, len(images))
-    videos = _paths(record_id, raw.get("video"), "video")
     if not any(turn.role == "assistant" for turn in turns):
         raise RecordError(record_id, "the conversation has no assistant turn: nothing to learn")
-    turns = _place_images(record_id, turns, len(images))
+    turns = _place_videos(record_id, _place_images(record_id, turns, len(images)), len(videos))
     return Record(record_id, turns, tuple(_resolve(p, root) for p in images),
                   tuple(_resolve(p, root) for p in videos))
 
@@ -111,9 +117,10 @@ def _text_record(record_id, raw: dict, root) -> Record:
     if not isinstance(text, str) or not text.strip():
         raise RecordError(record_id, "'text' must be a non-empty string")
     images = _paths(record_id, raw.get("image"), "image")
-    (turn,) = _place_images(record_id, (Turn("user", text),), len(images))
+    videos = _paths(record_id, raw.get("video"), "video")
+    (turn,) = _place_videos(record_id, _place_images(record_id, (Turn("user", text),), len(images)), len(videos))
     return Record(record_id, (), tuple(_resolve(p, root) for p in images),
-                  tuple(_resolve(p, root) for p in _paths(record_id, raw.get("video"), "video")), turn.text)
+                  tuple(_resolve(p, root) for p in videos), turn.text)
 
 
 def _llava_turns(record_id, raw: dict) -> tuple[Turn, ...]:
@@ -132,11 +139,12 @@ def _llava_turns(record_id, raw: dict) -> tuple[Turn, ...]:
     return tuple(turns)
 
 
-def _openai_turns(record_id, raw: dict) -> tuple[tuple[Turn, ...], list]:
+def _openai_turns(record_id, raw: dict) -> tuple[tuple[Turn, ...], list, list]:
     messages = raw["messages"]
     if not isinstance(messages, list) or not messages:
         raise RecordError(record_id, "'messages' must be a non-empty list")
     images = list(_paths(record_id, raw.get("images", raw.get("image")), "image"))
+    videos = list(_paths(record_id, raw.get("videos", raw.get("video")), "video"))
     turns = []
     for i, message in enumerate(messages):
         role = ROLES.get(message.get("role")) if isinstance(message, dict) else None
@@ -160,10 +168,17 @@ def _openai_turns(record_id, raw: dict) -> tuple[tuple[Turn, ...], list]:
                     raise RecordError(record_id, f"messages[{i}] has an image part without a path")
                 images.append(value)
                 text += IMAGE_PLACEHOLDER
+            elif kind in ("video", "video_url"):
+                value = part.get("video", part.get("path")) if kind == "video" else part.get("video_url")
+                value = value.get("url") if isinstance(value, dict) else value
+                if not isinstance(value, str):
+                    raise RecordError(record_id, f"messages[{i}] has a video part without a path")
+                videos.append(value)
+                text += VIDEO_PLACEHOLDER
             else:
                 raise RecordError(record_id, f"messages[{i}] has an unsupported content part {part!r:.80}")
         turns.append(Turn(role, text))
-    return tuple(turns), images
+    return tuple(turns), images, videos
 
 
 def _paths(record_id, value, key: str) -> tuple[str, ...]:
@@ -191,9 +206,35 @@ def _media_first(record_id, turns: tuple[Turn, ...], num_images: int) -> tuple[T
     return turns[:first_user] + (Turn(turn.role, IMAGE_PLACEHOLDER * num_images + turn.text),) + turns[first_user + 1:]
 
 
-def _without_placeholders(text: str) -> str:
-    for token in (IMAGE_PLACEHOLDER + "\n", "\n" + IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER):
-        text = text.replace(token, "")
+# What marks a video in LLaVA-style records: LLaVA-Video's records write "<image>" for their video,
+# others "<video>"; VILA's own token may be typed too.
+VIDEO_RECORD_PLACEHOLDERS = (IMAGE_PLACEHOLDER, "<video>", VIDEO_PLACEHOLDER)
+
+
+def _media_first_with_videos(record_id, turns: tuple[Turn, ...], num_images: int, num_videos: int
+                             ) -> tuple[Turn, ...]:
+    """VILA's LLaVADataset on a record with videos: every media placeholder of the kinds above (and a
+    newline beside it) leaves every turn, and the images, then the videos, go first in the first user
+    turn — where the inference prompt builder puts media given beside a chat. VILA drops placeholders
+    whatever their number; here they must be absent or one per image and video."""
+    count = sum(turn.text.count(token) for turn in turns for token in VIDEO_RECORD_PLACEHOLDERS)
+    if count not in (0, num_images + num_videos):
+        raise RecordError(record_id, f"has {count} media placeholders ({', '.join(VIDEO_RECORD_PLACEHOLDERS)}) for "
+                          f"{num_images} images and {num_videos} videos")
+    first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+    if first_user is None:
+        raise RecordError(record_id, "has videos but no user turn to put them in")
+    turns = tuple(Turn(t.role, _without_placeholders(t.text, VIDEO_RECORD_PLACEHOLDERS)
+                       if any(token in t.text for token in VIDEO_RECORD_PLACEHOLDERS) else t.text) for t in turns)
+    turn = turns[first_user]
+    media = IMAGE_PLACEHOLDER * num_images + VIDEO_PLACEHOLDER * num_videos
+    return turns[:first_user] + (Turn(turn.role, media + turn.text),) + turns[first_user + 1:]
+
+
+def _without_placeholders(text: str, placeholders: tuple[str, ...] = (IMAGE_PLACEHOLDER,)) -> str:
+    for placeholder in placeholders:
+        for token in (placeholder + "\n", "\n" + placeholder, placeholder):
+            text = text.replace(token, "")
     return text.strip()
 
 
@@ -209,6 +250,24 @@ def _place_images(record_id, turns: tuple[Turn, ...], num_images: int) -> tuple[
         placed = Turn(turn.role, IMAGE_PLACEHOLDER * num_images + turn.text)
         return turns[:first_user] + (placed,) + turns[first_user + 1:]
     raise RecordError(record_id, f"has {count} {IMAGE_PLACEHOLDER} placeholders for {num_images} images")
+
+
+def _place_videos(record_id, turns: tuple[Turn, ...], num_videos: int) -> tuple[Turn, ...]:
+    """Records that name videos without placeholders get one per video in the first user turn, after
+    its leading images (media given beside a chat go there at inference, images before videos)."""
+    count = sum(turn.text.count(VIDEO_PLACEHOLDER) for turn in turns)
+    if count == num_videos:
+        return turns
+    if count == 0:
+        first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+        if first_user is None:
+            raise RecordError(record_id, "has videos but no user turn to put them in")
+        text, lead = turns[first_user].text, 0
+        while text.startswith(IMAGE_PLACEHOLDER, lead):
+            lead += len(IMAGE_PLACEHOLDER)
+        placed = Turn(turns[first_user].role, text[:lead] + VIDEO_PLACEHOLDER * num_videos + text[lead:])
+        return turns[:first_user] + (placed,) + turns[first_user + 1:]
+    raise RecordError(record_id, f"has {count} {VIDEO_PLACEHOLDER} placeholders for {num_videos} videos")
 
 
 def _resolve(path: str, root: pathlib.Path | None) -> str:

@@ -235,8 +235,11 @@ def video_block(model: NVILA, frames) -> jax.Array:
     if frames.ndim == 4 and frames.shape[0] < max(p[0] for p in pools):
         raise ValueError(f"a video of {frames.shape[0]} frames is shorter than the temporal pool size "
                          f"{max(p[0] for p in pools)}")
-    tokens = tile_tokens(model, frames)
-    end = media_end_embeddings(model)
+    return pooled_video_block(tile_tokens(model, frames), pools, media_end_embeddings(model))
+
+
+def pooled_video_block(tokens: jax.Array, pools, end: jax.Array) -> jax.Array:
+    """One video's per-frame tokens [T, s, D] → its block: per pool size, groups x (pooled tokens + end tokens)."""
     return jnp.concatenate([with_end_tokens(temporal_pool(tokens, tuple(p)), end) for p in pools], axis=0)
 
 
@@ -283,6 +286,22 @@ def image_token_count(cfg: NVILAConfig, grid: tuple[int, int] | None = None) -> 
         return per_tile + len(cfg.media_end_token_ids)
     rows, cols = s2_scale_grids(cfg.s2_scales, grid)[cfg.s2_resize_output_to_scale_idx]
     return rows * cols * per_tile + len(cfg.media_end_token_ids)
+
+
+def video_token_count(cfg: NVILAConfig, num_frames: int) -> int:
+    """Embedding rows of one video block of `num_frames` frames (what `video_block` returns): per pool
+    size, (frames / pool frames) groups of pooled tokens, each group followed by the end tokens."""
+    num_frames = int(num_frames)
+    pools = cfg.video_pool_sizes or ((1, 1, 1),)
+    g = cfg.vision.grid_size
+    side = int(round(tokens_per_map(cfg.projector_type, g, g) ** 0.5))
+    rows = 0
+    for pt, ph, pw in pools:
+        if num_frames < 1 or num_frames % pt or side % ph or side % pw:
+            raise ValueError(f"{num_frames} video frames of {side}x{side} tokens do not divide into the video pool "
+                             f"{pt}x{ph}x{pw}; choose num_video_frames a multiple of {pt}")
+        rows += (num_frames // pt) * ((side // ph) * (side // pw) + len(cfg.media_end_token_ids))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------

@@ -197,8 +197,10 @@ def test_bad_records_are_skipped_with_a_warning_and_counted(tmp_path):
         for record in bad:
             out.write(json.dumps(record) + "\n")
         out.write("{this line is not JSON\n")
+    # No video slots: the video record is skipped as unsupported (tests/data/test_video_data.py trains videos).
     it = build_train_iterator(DataConfig(paths=[str(path)], packing_length=2 * image_token_count(cfg) + 70,
-                                         max_images_per_row=2, global_batch_size=2, num_epochs=1),
+                                         max_images_per_row=2, max_videos_per_row=0, global_batch_size=2,
+                                         num_epochs=1),
                               tokenizer, media, cfg, process_index=0, process_count=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
