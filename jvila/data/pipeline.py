@@ -17,6 +17,11 @@ fewer decodable frames than min_video_frames), more tokens than L, more images o
 row takes — are skipped with a `SkippedRecordWarning` and counted in
 `iterator.skipped` (by reason; the counts are part of the saved state). The run goes on.
 
+Dynamic-S2 (an NVILA with dynamic_s2 features and "dynamic_s2" media settings): a record's lone
+image becomes its Dynamic-S2 tiles and one `<image>` of `image_token_count(cfg, grid)` positions,
+several images one tile each — what inference does; `images` then holds each row's tiles up to
+`max_tiles_per_row`, and the packer adds the tables `jvila.train.dynamic_s2` describes.
+
 Worker processes are spawned (Grain's choice): a script that builds the iterator with
 `num_workers > 0` needs the `if __name__ == "__main__":` guard. Each process packs its own shard,
 so with a finite `num_epochs` processes may run out of batches at different steps; on many hosts
