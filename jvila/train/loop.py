@@ -184,9 +184,14 @@ def media_settings(built: BuiltModel):
 # Batches across processes
 # ----------------------------------------------------------------------------------------------
 
+# The [B, L] entries of a batch (split over sequence shards too); every other entry is media, split by rows only.
+TOKEN_ENTRIES = ("tokens", "targets", "weights", "positions", "segment_ids")
+
+
 def batch_sharding(name: str, shape: tuple[int, ...], mesh) -> NamedSharding:
-    """Rows over the batch axes, tokens over the sequence axes; images' other axes whole."""
-    if name == "images":
+    """Rows over the batch axes, tokens over the sequence axes; media entries' (images, videos, ...)
+    other axes whole."""
+    if name not in TOKEN_ENTRIES:
         names = ("batch",) + (None,) * (len(shape) - 1)
     else:
         names = ("batch", "sequence")[: len(shape)] + (None,) * max(len(shape) - 2, 0)
@@ -199,7 +204,7 @@ def global_batch(local: dict, mesh) -> dict:
     placed = {}
     for name, value in local.items():
         value = np.asarray(value)
-        if name != "images" and value.ndim >= 2 and value.shape[1] % ways:
+        if name in TOKEN_ENTRIES and value.ndim >= 2 and value.shape[1] % ways:
             raise ValueError(f"batch entry {name!r} has length {value.shape[1]}, not divisible by the {ways} "
                              "sequence shards of the mesh: choose a packing length they divide")
         global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
