@@ -79,6 +79,7 @@ class DataConfig:
     # Dynamic-S2 (a dynamic_s2 model with "dynamic_s2" media settings): the row's tile budget, N of
     # `images` [B, N, ...], in place of max_images_per_row. None: enough for max_images_per_row - 1
     # single tiles plus the largest Dynamic-S2 image (1 + 4 + max_tiles tiles for NVILA's scales).
+    # Every slot goes through the tower in every step, used or not: size it to the data.
     max_tiles_per_row: int | None = None
     global_batch_size: int = 8
     seed: int = 0
