@@ -14,7 +14,8 @@ math, never recomputation):
   through it; counted per packed segment, since segments do not attend to each other.
 - NVILA: the SigLIP tower on every image present (its patches, bidirectional attention over them),
   the projector on every image token, with the same forward/backward rule per part (a frozen tower
-  behind nothing trainable costs its forward only).
+  behind nothing trainable costs its forward only). A video present counts its T frames the same
+  way, the projector on each frame's tokens (the TSP pooling after it is a mean: no matmul).
 
 MFU = model FLOPs per second / (devices · the device's bf16 dense peak). The peak comes from the
 recipe (`train.peak_tflops`) or the table below by device kind; a CPU has none, and MFU is shown
@@ -66,6 +67,10 @@ class FlopModel:
     projector_params: int = 0
     vision_trains: bool = False
     projector_trains: bool = False
+    video_token_id: int | None = None
+    video_tokens: int = 0  # Kv: token positions per video
+    video_frames: int = 0  # T
+    frame_tokens: int = 0  # projected tokens per frame
 
 
 def flop_model(cfg, flat_shapes: dict[str, tuple[int, ...]], trainable: dict[str, bool], *,
@@ -93,8 +98,14 @@ def flop_model(cfg, flat_shapes: dict[str, tuple[int, ...]], trainable: dict[str
     if not nvila:
         return FlopModel(llm=llm_cfg, llm_matmul_params=matmul, llm_trains=llm_trains,
                          grads_reach_llm=llm_trains or lora)
-    from jvila.models.nvila import image_token_count
+    from jvila.models.nvila import image_token_count, video_token_count
+    from jvila.models.projector import tokens_per_map
 
+    try:
+        video_tokens = video_token_count(cfg, cfg.num_video_frames)
+    except ValueError:  # frames the pools do not divide: such a model trains no video
+        video_tokens = 0
+    g = cfg.vision.grid_size
     vision_names = [n for n in flat_shapes if n.startswith("vision_tower.")]
     vision_matmul = size(n for n in vision_names if "position" not in n)
     vision_trains, projector_trains = trains("vision_tower."), trains("projector.")
@@ -105,7 +116,10 @@ def flop_model(cfg, flat_shapes: dict[str, tuple[int, ...]], trainable: dict[str
         vision_matmul_params=vision_matmul, vision_heads_dim=cfg.vision.hidden_size,
         vision_layers=cfg.vision.num_layers, patches=cfg.vision.grid_size ** 2,
         projector_params=size(n for n in flat_shapes if n.startswith("projector.")),
-        vision_trains=vision_trains, projector_trains=projector_trains)
+        vision_trains=vision_trains, projector_trains=projector_trains,
+        # 0 is NVILAConfig's unset id (a real <vila/video> is an added special token, never id 0).
+        video_token_id=cfg.video_token_id or None, video_tokens=video_tokens, video_frames=cfg.num_video_frames,
+        frame_tokens=tokens_per_map(cfg.projector_type, g, g))
 
 
 def _passes(grads_flow: bool, weights_train: bool) -> int:
@@ -142,6 +156,10 @@ def step_flops(model: FlopModel, batch: dict) -> float:
         flops += images * per_image
         projector_mult = _passes(model.vision_trains or model.projector_trains, model.projector_trains)
         flops += images * 2.0 * model.projector_params * model.image_tokens * projector_mult
+        if model.video_token_id is not None and model.video_tokens:
+            videos = float(np.sum(np.asarray(batch["tokens"]) == model.video_token_id)) / model.video_tokens
+            frames = videos * model.video_frames
+            flops += frames * (per_image + 2.0 * model.projector_params * model.frame_tokens * projector_mult)
     return flops
 
 

@@ -29,6 +29,7 @@ from jvila.processing.image import SiglipPreprocessor
 from jvila.processing.media_prompt import ImageMedia, MediaSettings, build_media_prompt
 from jvila.processing.tokenizer import Tokenizer
 from jvila.train import forward, optimizer as opt
+from jvila.train.metrics import flop_model, step_flops
 from jvila.train.step import init_train_state, make_train_step
 from jvila.vision_config import NVILAConfig, SiglipConfig
 from nvila_fixture import write_random_video
@@ -186,3 +187,24 @@ def test_bad_video_batches_are_clear_errors():
         build_train_iterator(DataConfig(paths=["unused.jsonl"]), tokenizer,
                              MediaSettings(media.preprocessor, num_video_frames=5), cfg, process_index=0,
                              process_count=1)
+
+
+def test_step_flops_count_every_frame_of_a_video():
+    """A video costs T frames of the tower and the projector on each frame's 2x2 tokens (the pooling
+    is a mean): T times an image's tower cost, read off a batch with one image."""
+    _, _, cfg = _setup()
+    shapes = {k: tuple(v.shape) for k, v in flat_params(abstract_nvila(cfg)).items()}
+    model = flop_model(cfg, shapes, {n: True for n in shapes})
+    k, kv = image_token_count(cfg), video_token_count(cfg, FRAMES)
+    segments = np.ones((1, 40), np.int32)
+
+    def flops(token_id, count):
+        tokens = np.full((1, 40), 7)
+        tokens[0, 2:2 + count] = token_id
+        return step_flops(model, {"tokens": tokens, "segment_ids": segments})
+
+    text = flops(7, 0)
+    projector = 2.0 * sum(np.prod(v) for n, v in shapes.items() if n.startswith("projector.")) * 3  # trains: 6N
+    tower = flops(cfg.image_token_id, k) - text - projector * k  # the image count puts K on the projector
+    assert tower > 0
+    assert flops(cfg.video_token_id, kv) - text == pytest.approx(FRAMES * (tower + projector * 4), rel=1e-12)
