@@ -11,7 +11,8 @@ its end-of-turn token are learned, and the system prompt, user turns, role heade
 after the end-of-turn token are not (VILA's IGNORE_INDEX).
 
 Each `<image>` placeholder becomes K image-token ids (K = the rows of one image block, end tokens
-included), none of them learned.
+included), each `<vila/video>` placeholder Kv video-token ids (the rows of one pooled video block),
+none of them learned.
 """
 
 from __future__ import annotations
