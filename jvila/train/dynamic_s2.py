@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jvila.models.nvila import _area_windows, s2_scale_grids
+from jvila.models.nvila import _area_windows, feature_maps, media_end_embeddings, s2_scale_grids
 
 TABLE_KEYS = ("s2_index", "s2_weight", "s2_rows")
 
@@ -230,8 +230,6 @@ def order_tokens(block_tokens: jax.Array, end: jax.Array, s2_rows: jax.Array) ->
 def image_embeddings(model, batch: dict) -> jax.Array:
     """A Dynamic-S2 batch's `images` [B, N, S0, S0, 3] and tables → the rows' image-token rows [B, Q, D],
     in prompt order (what `forward.splice_images` puts at the image-token positions)."""
-    from jvila.models.nvila import feature_maps, media_end_embeddings
-
     missing = [k for k in TABLE_KEYS if k not in batch]
     if missing:
         raise ValueError(f"a Dynamic-S2 batch needs all of {list(TABLE_KEYS)}; missing {missing}")
@@ -239,15 +237,14 @@ def image_embeddings(model, batch: dict) -> jax.Array:
     cfg = model.config
     if not cfg.dynamic_s2:
         raise ValueError("the batch has Dynamic-S2 tables but the model has no dynamic_s2 features")
-    b, n = images.shape[:2]
-    maps = feature_maps(model, images.reshape(b * n, *images.shape[2:]))  # [B·N, g, g, C]
-    g = maps.shape[1]
+    b, n, g = images.shape[0], images.shape[1], cfg.vision.grid_size
     want = (b, len(cfg.s2_scales), n * g * g)
     if index.ndim != 4 or tuple(index.shape[:3]) != want or tuple(weight.shape) != tuple(index.shape):
         raise ValueError(f"s2_index and s2_weight must both be [B, scales, N·g², terms] = {want + ('J',)}, got "
                          f"{tuple(index.shape)} and {tuple(weight.shape)}")
     if rows.ndim != 2 or rows.shape[0] != b:
         raise ValueError(f"s2_rows must be [B={b}, N·(t + k)], got {tuple(rows.shape)}")
+    maps = feature_maps(model, images.reshape(b * n, *images.shape[2:]))  # [B·N, g, g, C]
     merged = merge_features(maps.reshape(b, n, g, g, -1), index, weight)
     tokens = model.projector(merged)  # [B·N, t, D]
     return order_tokens(tokens.reshape(b, n, *tokens.shape[1:]), media_end_embeddings(model), rows)

@@ -264,4 +264,15 @@ def test_configuration_errors(tmp_path):
         DataConfig(paths=["x.jsonl"], max_tiles_per_row=0)
     # The default budget: max_images_per_row - 1 single tiles plus the largest image (1 + 4 + 12 tiles).
     it = _iterator(tmp_path, tokenizer, cfg, max_tiles_per_row=None, max_images_per_row=3)
-    assert next(it)["images"].shape[1] == 2 + 17
+    batch = next(it)
+    assert batch["images"].shape[1] == 2 + 17
+    # Tables that do not fit the images, or a model without Dynamic-S2 features: named before any compute.
+    model = _model(cfg, 0)
+    with pytest.raises(ValueError, match="missing \\['s2_weight'\\]"):
+        image_embeddings(model, {k: v for k, v in batch.items() if k != "s2_weight"})
+    with pytest.raises(ValueError, match="must both be"):
+        image_embeddings(model, batch | {"s2_index": batch["s2_index"][:, :2]})
+    with pytest.raises(ValueError, match="s2_rows must be"):
+        image_embeddings(model, batch | {"s2_rows": batch["s2_rows"][0]})
+    with pytest.raises(ValueError, match="no dynamic_s2 features"):
+        image_embeddings(_model(plain, 0), batch)
