@@ -90,7 +90,8 @@ class Engine:
         # Adapters share the KV page pool (unified paging): see serving/adapters.
         self.adapters = (None if adapters is None else
                          EngineAdapters(adapters, self.allocator, self.runner.write_pages, page_size=page_size,
-                                        sequence_pages=-(-max_context // page_size)))
+                                        sequence_pages=-(-max_context // page_size),
+                                        read_pools=lambda: (self.runner.k_pages, self.runner.v_pages)))
         self._clock = clock
         self._seed_rng = np.random.default_rng(seed)
         self._running: list[Sequence] = []  # admission order: the last is the first to be preempted

@@ -24,7 +24,7 @@ from flax import nnx
 from jvila.models import functional
 from jvila.models.kernel_attention import default_attention
 from jvila.models.kv_cache import KVCache
-from serving.adapters.working_set import LoraBatch, gather_lora_weights
+from serving.adapters.working_set import LoraBatch
 from serving.sampling import SampleOutput, SamplingArrays, sample
 
 # Smallest token bucket of a step with more tokens than rows (prompt chunks): short chunks share one
@@ -74,7 +74,7 @@ class StepBatch:
     num_logprobs: int = 0  # top-N logprobs wanted (the largest N any row asks for); 0 = none
     input_embeddings: np.ndarray | None = None  # [T, hidden] float: media rows
     embedding_mask: np.ndarray | None = None  # [T] bool: which tokens take input_embeddings
-    lora: LoraBatch | None = None  # the step's adapters (serving.adapters): gathered from the page pools
+    lora: LoraBatch | None = None  # the step's adapters (serving.adapters): a working set read from the page pools
 
     @property
     def num_rows(self) -> int:
@@ -109,21 +109,17 @@ class _Static:
         return isinstance(other, _Static) and (self.value is other.value or self.value == other.value)
 
 
-@functools.partial(jax.jit, static_argnames=("model_def", "attention", "num_top", "lora_static"),
+@functools.partial(jax.jit, static_argnames=("model_def", "attention", "num_top"),
                    donate_argnames=("k_pages", "v_pages"))
 def _step(model_def: _Static, state_leaves, k_pages, v_pages, tokens, cu_q_lens, context_lens, page_table,
-          params: SamplingArrays, input_embeddings, embedding_mask, lora_table=None, token_adapters=None, *,
-          attention, num_top, lora_static=None) -> tuple[SampleOutput, tuple, tuple]:
+          params: SamplingArrays, input_embeddings, embedding_mask, lora=None, token_adapters=None, *,
+          attention, num_top) -> tuple[SampleOutput, tuple, tuple]:
     # The state travels as its flat leaves (flattening an nnx.State on the host costs more than the
     # call itself); model_def holds the graphdef and the state's treedef.
     graphdef, state_treedef = model_def.value
     state = jax.tree.unflatten(state_treedef, state_leaves)
-    lora = None
-    if lora_table is not None:
-        # The batch's adapters are read out of the pools (unified paging) before this step writes its KV.
-        modules, max_rank, geometry = lora_static
-        lora = gather_lora_weights(k_pages, v_pages, lora_table, modules=modules, max_rank=max_rank,
-                                   geometry=geometry)
+    # `lora`: the batch's adapters, already read out of the pools (unified paging) and kept between
+    # steps while the batch's adapters stay the same (serving.adapters.working_set).
     cache = KVCache(k_pages, v_pages, page_table, context_lens)
     logits, cache = functional.extend_packed(graphdef, state, tokens, cu_q_lens, cache, attention=attention,
                                              input_embeddings=input_embeddings, embedding_mask=embedding_mask,
@@ -207,21 +203,19 @@ class StepRunner:
             media = _pad(np.asarray(batch.input_embeddings), tokens_b)
             media_mask = _pad(np.asarray(batch.embedding_mask, bool), tokens_b)
         num_top = self.max_logprobs if batch.num_logprobs > 0 else 0
-        lora_table = token_adapters = lora_static = None
+        lora = token_adapters = None
         if batch.lora is not None:
             if self.lora_geometry is None:
                 raise ValueError("this step runner was built without adapters (lora_geometry)")
             if batch.lora.token_adapters.shape != (num_tokens,):
                 raise ValueError(f"lora.token_adapters must be [T] = [{num_tokens}]")
-            lora_table = batch.lora.table
+            lora = batch.lora.weights
             token_adapters = _pad(batch.lora.token_adapters.astype(np.int32), tokens_b, fill=-1)
-            lora_static = (batch.lora.modules, batch.lora.max_rank, self.lora_geometry)
 
         out, self.k_pages, self.v_pages = _step(
             self._model_def, self._state_leaves, self.k_pages, self.v_pages, tokens, cu_q_lens, context_lens, table,
             params,
-            media, media_mask, lora_table, token_adapters, attention=self.attention, num_top=num_top,
-            lora_static=lora_static)
+            media, media_mask, lora, token_adapters, attention=self.attention, num_top=num_top)
         out = jax.device_get(out)
         n = batch.num_logprobs
         return StepResult(np.asarray(out.tokens[:rows]), np.asarray(out.logprobs[:rows]),

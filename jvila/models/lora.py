@@ -11,11 +11,17 @@ zero-padded to max_rank, with one scale per adapter. Each token names its adapte
 model alone), so one jitted step serves base and adapted tokens of many adapters together
 through the batched kernels of `pallas_kernels.lora` (`bgmv` per token, `sgmv` per contiguous
 segment). Which tokens use which adapter travels in a `LoraContext` built by the functional core.
+
+`LoraColumns` is a second layout for a step that mixes ranks: the adapters side by side along the
+rank axis, A [in, C] and B [C, out] with C the sum of their own ranks, so no adapter is padded to
+the largest; each token multiplies by all C columns and keeps its own adapter's (`column_lora`).
+Serving on CPU uses it (one pair of matmuls per projection, no gather per token or segment).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -149,6 +155,62 @@ class LoraWeights:
     @property
     def max_rank(self) -> int:
         return next(m.a.shape[-1] for layer in self.layers for m in layer.values())
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "column_adapters", "column_scales"],
+                   meta_fields=["num_adapters"])
+@dataclasses.dataclass(frozen=True)
+class LoraColumns:
+    """Adapters side by side along the rank axis: `layers[i][module]` = ModuleLora(a [in, C], b [C, out]).
+
+    Column c belongs to adapter `column_adapters[c]` (-1: a padding column no token uses) and carries
+    its scale `column_scales[c]`; adapter j's columns are its own rank's, never padded to another's.
+    A module an adapter does not target has zeros in its columns; a (layer, module) no adapter
+    targets is absent (costs nothing).
+    """
+
+    layers: tuple[dict[str, ModuleLora], ...]
+    column_adapters: jax.Array  # [C] int32
+    column_scales: jax.Array  # [C] float32
+    num_adapters: int  # static: adapters the columns hold (token indices lie in [-1, num_adapters))
+
+    @property
+    def num_columns(self) -> int:
+        return self.column_adapters.shape[0]
+
+
+def column_stack(adapters: list[Adapter], base_config: LLMConfig, *, num_columns: int | None = None,
+                 target_modules: tuple[str, ...] | None = None, dtype=jnp.float32) -> LoraColumns:
+    """Adapters (index i = adapters[i]) side by side in a `LoraColumns`, padded to `num_columns` columns."""
+    if not adapters:
+        raise AdapterError("column_stack needs at least one adapter")
+    for adapter in adapters:
+        adapter.check(base_config)
+    modules = target_modules or tuple(m for m in TARGET_MODULES if any(m in a.config.target_modules for a in adapters))
+    total = sum(a.rank for a in adapters)
+    num_columns = total if num_columns is None else num_columns
+    if num_columns < total:
+        raise AdapterError(f"{num_columns} columns cannot hold adapters of total rank {total}")
+    owner = np.full((num_columns,), -1, np.int32)
+    scales = np.zeros((num_columns,), np.float32)
+    starts = np.cumsum([0] + [a.rank for a in adapters])
+    for i, adapter in enumerate(adapters):
+        owner[starts[i]: starts[i + 1]] = i
+        scales[starts[i]: starts[i + 1]] = adapter.config.scale
+    layers = []
+    for layer in range(base_config.num_layers):
+        entry = {}
+        for module in modules:
+            d_in, d_out = module_shape(base_config, module)
+            a, b = np.zeros((d_in, num_columns), np.float32), np.zeros((num_columns, d_out), np.float32)
+            for i, adapter in enumerate(adapters):
+                pair = adapter.weights.get(layer, {}).get(module)
+                if pair is not None:
+                    a[:, starts[i]: starts[i + 1]] = np.asarray(pair[0], np.float32)
+                    b[starts[i]: starts[i + 1]] = np.asarray(pair[1], np.float32)
+            entry[module] = ModuleLora(jnp.asarray(a, dtype), jnp.asarray(b, dtype))
+        layers.append(entry)
+    return LoraColumns(tuple(layers), jnp.asarray(owner), jnp.asarray(scales), len(adapters))
 
 
 def _padded(adapter: Adapter, layer: int, module: str, max_rank: int, shape, dtype):
@@ -338,6 +400,10 @@ class LayerLora:
             key = jax.random.fold_in(self.dropout_key, TARGET_MODULES.index(module))
             keep = jax.random.bernoulli(key, 1.0 - ctx.dropout_rate, x2.shape)
             x2 = jnp.where(keep, x2 / (1.0 - ctx.dropout_rate), 0).astype(x2.dtype)
+        if isinstance(ctx.weights, LoraColumns):
+            out = column_lora(y2, x2, m.a, m.b, ctx.token_adapters, ctx.weights.column_adapters,
+                              ctx.weights.column_scales)
+            return out.reshape(y.shape)
         implementation = ctx.implementation
         if implementation is None and jax.default_backend() == "cpu":
             implementation = _cpu_implementation(m.a.shape[0], x2.shape[0], ctx.segment_adapters)
@@ -396,6 +462,20 @@ def dense_lora(y, x, lora_a, lora_b, indices, scales):
     weight = jnp.where(indices[:, None] == jnp.arange(n, dtype=indices.dtype)[None, :], scales[None, :], 0.0)
     delta = jnp.einsum("tnr,nro->to", xa * weight[..., None], lora_b.astype(jnp.float32),
                        preferred_element_type=jnp.float32)
+    return (y.astype(jnp.float32) + delta).astype(y.dtype)
+
+
+def column_lora(y, x, lora_a, lora_b, indices, column_adapters, column_scales):
+    """`bgmv`'s semantics over adapters laid side by side (`LoraColumns`), fp32 accumulation.
+
+    y [T, out] + ((x @ A) * w) @ B with w[t, c] = column_scales[c] where column c belongs to token
+    t's adapter indices[t], else 0; rows with a negative index unchanged. Work T x C x (in + out)
+    for C the working set's total rank: each adapter at its own rank, read once per step.
+    """
+    xa = jnp.einsum("ti,ic->tc", x, lora_a, preferred_element_type=jnp.float32)
+    own = (indices[:, None] == column_adapters[None, :]) & (indices[:, None] >= 0)
+    weight = jnp.where(own, column_scales[None, :], 0.0)
+    delta = jnp.einsum("tc,co->to", xa * weight, lora_b.astype(jnp.float32), preferred_element_type=jnp.float32)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 

@@ -5,8 +5,8 @@ refused), `admit` when the scheduler offers a waiting request (its adapter is ma
 first, evicting idle adapters if needed, then its KV pages are allocated, evicting idle adapters
 again if the KV does not fit), `release` when a running sequence leaves the pool (finished,
 aborted, preempted), `make_room` before preempting anyone for KV, `prefetch` after each step for
-the adapters of the requests queued next, and `step_inputs` to describe the step's adapters to
-the device step. Loading and unloading by name (`add`, `remove`) run between steps.
+the adapters of the requests queued next, and `step_inputs` to hand the step its adapters (the
+working set read out of the pool, kept from step to step: `serving.adapters.working_set`). Loading and unloading by name (`add`, `remove`) run between steps.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from serving.adapters.store import (
     StoredAdapter,
     UnknownAdapter,
 )
-from serving.adapters.working_set import LoraBatch, build_lora_batch
+from serving.adapters.working_set import LoraBatch, WorkingSet
 from serving.page_allocator import OutOfPages, PageAllocator
 from serving.request import Request
 
@@ -32,12 +32,18 @@ PREFETCH_FREE_SHARE = 0.25
 
 class EngineAdapters:
     def __init__(self, store: AdapterStore, allocator: PageAllocator, write_pages, *, page_size: int,
-                 sequence_pages: int = 0):
-        """`sequence_pages`: pages one sequence of the longest context takes; an adapter must leave room for it."""
+                 sequence_pages: int = 0, read_pools=None, layout: str | None = None):
+        """`sequence_pages`: pages one sequence of the longest context takes; an adapter must leave room for it.
+
+        `write_pages(pages, k_data, v_data)` writes adapter pages into the pools; `read_pools()` returns
+        the current (K pools, V pools) the steps read adapters from; `layout`: the working set's
+        (`serving.adapters.working_set.LAYOUTS`; None = the platform's).
+        """
         self.store = store
         self.allocator = allocator
         self.geometry = PoolGeometry.of(store.base_config, page_size)
         self.resident = ResidentAdapters(self.geometry, allocator, write_pages)
+        self.working_set = WorkingSet(store, self.resident, self.geometry, read_pools, layout=layout)
         self.sequence_pages = sequence_pages
         self._requests: collections.Counter[str] = collections.Counter()  # waiting or running, per adapter
         # Each load of a name gets a fresh number: cached KV pages of an unloaded adapter must never
@@ -145,9 +151,8 @@ class EngineAdapters:
     # ---- the step ------------------------------------------------------------------------------
 
     def step_inputs(self, row_requests, row_tokens) -> LoraBatch | None:
-        return build_lora_batch([r.adapter for r in row_requests], row_tokens, self.store, self.resident,
-                                self.geometry)
+        return self.working_set.step_inputs([r.adapter for r in row_requests], row_tokens)
 
     def metrics(self) -> dict:
         return {"adapters_loaded": len(self.store), "adapters_resident": self.resident.num_resident,
-                "adapter_pages": self.resident.num_pages, **self.resident.counts}
+                "adapter_pages": self.resident.num_pages, **self.resident.counts, **self.working_set.counts}

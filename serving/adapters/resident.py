@@ -28,6 +28,7 @@ class ResidentAdapters:
         self.allocator = allocator
         self._write_pages = write_pages  # (page ids, per-layer K contents, per-layer V contents)
         self._pages: dict[str, list[int]] = {}
+        self._serials: dict[str, int] = {}  # which load of the adapter its pages hold (a copy of them stays valid)
         self._users: collections.Counter[str] = collections.Counter()  # running sequences per adapter
         self._idle: collections.OrderedDict[str, None] = collections.OrderedDict()  # resident, unused; LRU first
         self.counts = {"adapter_loads": 0, "adapter_evictions": 0}
@@ -39,6 +40,10 @@ class ResidentAdapters:
 
     def pages_of(self, name: str) -> list[int]:
         return list(self._pages[name])
+
+    def serial_of(self, name: str) -> int:
+        """A number of this residency of the adapter, new at each load: its pages' contents are fixed until it goes."""
+        return self._serials[name]
 
     @property
     def num_resident(self) -> int:
@@ -78,6 +83,7 @@ class ResidentAdapters:
         self._pages[name] = pages
         self._idle[name] = None
         self.counts["adapter_loads"] += 1
+        self._serials[name] = self.counts["adapter_loads"]
         return True
 
     def acquire(self, name: str) -> None:
@@ -112,6 +118,7 @@ class ResidentAdapters:
         if self._users[name]:
             raise ValueError(f"adapter {name!r} is used by {self._users[name]} running sequences")
         pages = self._pages.pop(name)
+        del self._serials[name]
         self._idle.pop(name, None)
         self.allocator.free(_OWNER_PREFIX + name)
         self.counts["adapter_evictions"] += 1

@@ -1,17 +1,31 @@
-"""One step's adapters: the per-token adapter index and the slot table the jitted step gathers from.
+"""One step's adapters: the per-token adapter index, and the working set the step reads them from.
 
-Rows of a step may each use a different adapter (or none). The adapters of the step's rows get
-slots 0..n-1 in order of first appearance; a token's index is its row's slot, -1 for the base
-model. Slot count, page-table width and the rank are rounded up to powers of two, so the number
-of step compilations stays small; padded slots have rank 0 and gather nothing.
+Rows of a step may each use a different adapter (or none). The step reads its adapters from a
+working set: a device copy of some resident adapters, read out of the KV page pool (where they
+live: unified paging), each at a known index; a token's index is its row's adapter's, -1 for the
+base model. Building a working set copies the adapters out of the pool, so it is kept from step
+to step (`WorkingSet`) and rebuilt only when a step needs an adapter it lacks (then with exactly
+that step's adapters): while the same requests decode, step after step reuses it. An adapter
+keeps its pages while resident and is re-read after any new load (`ResidentAdapters.serial_of`),
+so a kept copy never goes stale.
+
+Two layouts: "columns" (`serving.adapters.columns`, `jvila.models.lora.LoraColumns`), every
+adapter at its own rank side by side, for the CPU, where one pair of matmuls per projection beats
+any gather per token; "slots" (`LoraWeights`: [n, in, R] with R the largest rank of the set,
+rounded up to a power of two, zero past each adapter's own), for the batched kernels elsewhere.
+Either way the padding exists only in the working set, never in the pool. Slot counts, rank and
+column counts are bucketed so that the number of step compilations stays small.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import jax
 import numpy as np
 
+from serving.adapters.columns import column_bucket, column_table, gather_columns
 from serving.adapters.paged_layout import (
     MODULES,
     PoolGeometry,
@@ -20,7 +34,8 @@ from serving.adapters.paged_layout import (
     gather_module,
 )
 
-MIN_RANK = 8  # smallest rank bucket (S-LoRA's smallest common rank)
+MIN_RANK = 8  # smallest rank bucket of the slots layout (S-LoRA's smallest common rank)
+LAYOUTS = ("columns", "slots")
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -29,29 +44,83 @@ def _pow2(n: int, minimum: int = 1) -> int:
 
 @dataclasses.dataclass
 class LoraBatch:
-    """What a step needs for LoRA: device-bound arrays plus the static choices that shape the compile."""
+    """What a step needs for LoRA: each token's adapter index and the working set on the device."""
 
-    token_adapters: np.ndarray  # [T] int32: slot of each packed token's adapter, -1 = base
-    table: SlotTable
-    modules: tuple[str, ...]  # union of the slots' targeted modules (static)
-    max_rank: int  # working-set rank R (static)
-    names: tuple[str, ...]  # adapter of each live slot, for observation
+    token_adapters: np.ndarray  # [T] int32: index of each packed token's adapter in `weights`, -1 = base
+    weights: object  # jvila.models.lora.LoraColumns or LoraWeights: the working set
+    names: tuple[str, ...]  # the step's adapters, for observation
 
 
-def build_lora_batch(row_adapters, row_tokens, store, resident, geometry: PoolGeometry) -> LoraBatch | None:
-    """row_adapters [B] (name or None), row_tokens [B] (tokens each row feeds) → the step's LoraBatch (None: no LoRA)."""
-    names: list[str] = []
-    for name in row_adapters:
-        if name is not None and name not in names:
-            names.append(name)
-    if not names:
-        return None
-    slot = {name: i for i, name in enumerate(names)}
-    token_adapters = np.concatenate(
-        [np.full((n,), -1 if a is None else slot[a], np.int32) for a, n in zip(row_adapters, row_tokens)])
-    adapters = [store.get(n) for n in names]
-    n = _pow2(len(names))
-    pages = [resident.pages_of(name) for name in names]
+def default_layout() -> str:
+    return "columns" if jax.default_backend() == "cpu" else "slots"
+
+
+class WorkingSet:
+    """The device copy of the adapters of recent steps; `step_inputs` rebuilds it only when a step needs more.
+
+    `read_pools()` returns the engine's current (K pools, V pools); `resident` says where each
+    resident adapter's pages are and which load of it they hold.
+    """
+
+    def __init__(self, store, resident, geometry: PoolGeometry, read_pools, *, layout: str | None = None):
+        layout = layout or default_layout()
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown working-set layout {layout!r}; choose one of {LAYOUTS}")
+        self.store, self.resident, self.geometry, self.layout = store, resident, geometry, layout
+        self._read_pools = read_pools
+        self._index: dict[tuple[str, int], int] = {}  # (name, load serial) → index in the working set
+        self._weights = None
+        self.counts = {"working_set_builds": 0}
+
+    def step_inputs(self, row_adapters, row_tokens) -> LoraBatch | None:
+        """row_adapters [B] (name or None), row_tokens [B] (tokens each row feeds) → the step's LoraBatch."""
+        names: list[str] = []
+        for name in row_adapters:
+            if name is not None and name not in names:
+                names.append(name)
+        if not names:
+            return None
+        keys = [(name, self.resident.serial_of(name)) for name in names]
+        if self._weights is None or any(key not in self._index for key in keys):
+            self._build(names, keys)
+        index = {name: self._index[key] for name, key in zip(names, keys)}
+        token_adapters = np.repeat(np.asarray([-1 if a is None else index[a] for a in row_adapters], np.int32),
+                                   np.asarray(row_tokens, np.int64))
+        return LoraBatch(token_adapters, self._weights, tuple(names))
+
+    def clear(self) -> None:
+        """Drop the device copy (it is rebuilt on the next step that serves an adapter)."""
+        self._index, self._weights = {}, None
+
+    def _build(self, names, keys) -> None:
+        self._weights = None  # the old copy goes before the new one is read
+        adapters = [self.store.get(name) for name in names]
+        pages = [self.resident.pages_of(name) for name in names]
+        modules = tuple(m for m in MODULES if any(m in a.modules for a in adapters))
+        k_pages, v_pages = self._read_pools()
+        if self.layout == "columns":
+            num_columns = column_bucket(sum(a.rank for a in adapters))
+            table = column_table(self.geometry, [(a.rank, a.modules, p, a.scale) for a, p in zip(adapters, pages)],
+                                 modules, num_columns)
+            self._weights = _gather_columns(k_pages, v_pages, table, modules=modules, num_adapters=len(names),
+                                            geometry=self.geometry)
+        else:
+            table, max_rank = slot_table(adapters, pages, self.geometry)
+            self._weights = _gather_slots(k_pages, v_pages, table, modules=modules, max_rank=max_rank,
+                                          geometry=self.geometry)
+        self._index = {key: i for i, key in enumerate(keys)}
+        self.counts["working_set_builds"] += 1
+
+
+_gather_columns = jax.jit(gather_columns, static_argnames=("modules", "num_adapters", "geometry"))
+
+
+# ---- the slots layout ------------------------------------------------------------------------------
+
+
+def slot_table(adapters, pages, geometry: PoolGeometry) -> tuple[SlotTable, int]:
+    """The slots layout's table (slot i = adapters[i], whose pages are pages[i]) and its rank R."""
+    n = _pow2(len(adapters))
     table = SlotTable(
         pages=np.zeros((n, _pow2(max(len(p) for p in pages))), np.int32),
         ranks=np.zeros((n,), np.int32),
@@ -63,9 +132,7 @@ def build_lora_batch(row_adapters, row_tokens, store, resident, geometry: PoolGe
         table.ranks[i] = adapter.rank
         table.offsets[i] = geometry.module_offsets(adapter.rank, adapter.modules)
         table.scales[i] = adapter.scale
-    modules = tuple(m for m in MODULES if any(m in a.modules for a in adapters))
-    max_rank = _pow2(max(a.rank for a in adapters), MIN_RANK)
-    return LoraBatch(token_adapters, table, modules, max_rank, tuple(names))
+    return table, _pow2(max(a.rank for a in adapters), MIN_RANK)
 
 
 def gather_layers(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int, geometry: PoolGeometry):
@@ -81,12 +148,10 @@ def gather_layers(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int,
     return layers
 
 
-def gather_lora_weights(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int, geometry: PoolGeometry):
-    """Traced: the step's `LoraWeights` (the functional core's stacked adapters) gathered from the pools."""
-    from jvila.models.lora import (  # only steps that serve adapters need the LoRA core
-        LoraWeights,
-        ModuleLora,
-    )
+@functools.partial(jax.jit, static_argnames=("modules", "max_rank", "geometry"))
+def _gather_slots(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int, geometry: PoolGeometry):
+    """The slots layout's `LoraWeights` (the functional core's stacked adapters) gathered from the pools."""
+    from jvila.models.lora import LoraWeights, ModuleLora  # only engines that serve adapters need the LoRA core
 
     layers = gather_layers(k_pages, v_pages, table, modules=modules, max_rank=max_rank, geometry=geometry)
     return LoraWeights(tuple({m: ModuleLora(*pair) for m, pair in layer.items()} for layer in layers), table.scales)

@@ -10,7 +10,8 @@ from jvila.config import LLMConfig
 from serving.adapters.paged_layout import MODULES, PoolGeometry, module_dims
 from serving.adapters.resident import ResidentAdapters
 from serving.adapters.store import AdapterError, AdapterStore, StoredAdapter
-from serving.adapters.working_set import build_lora_batch, gather_layers
+from serving.adapters.columns import column_bucket, unit_size
+from serving.adapters.working_set import WorkingSet
 from serving.page_allocator import OutOfPages, PageAllocator
 
 # hidden 24 and kv width 2 x 5 = 10: no row width or stream length divides a page (5 x 10 x 2 = 100 values).
@@ -50,27 +51,35 @@ def make_resident(num_pages):
     return allocator, pool, ResidentAdapters(geometry, allocator, pool.write), geometry
 
 
-def test_gather_returns_each_adapter_zero_padded_to_the_working_rank():
+def working_set(store, resident, geometry, pool, layout):
+    return WorkingSet(store, resident, geometry, lambda: (tuple(map(jnp.asarray, pool.k)),
+                                                          tuple(map(jnp.asarray, pool.v))), layout=layout)
+
+
+def three_resident_adapters():
     rng = np.random.default_rng(0)
     store = AdapterStore(CFG, max_rank=64)
     specs = {"r3": (3, ("q_proj", "v_proj")), "r8": (8, MODULES), "r13": (13, ("o_proj", "down_proj", "k_proj"))}
     for name, (rank, modules) in specs.items():
         store.add(name, random_adapter(rng, rank, modules))
-    _allocator, pool, resident, geometry = make_resident(64)
+    allocator, pool, resident, geometry = make_resident(64)
     for name in ["r13", "r3", "r8"]:
         assert resident.ensure(name, store.get(name))
-    rows = ["r8", None, "r13", "r3", "r8"]
-    batch = build_lora_batch(rows, [1, 2, 3, 1, 4], store, resident, geometry)
+    return store, allocator, pool, resident, geometry
+
+
+def test_slots_layout_returns_each_adapter_zero_padded_to_the_working_rank():
+    store, _allocator, pool, resident, geometry = three_resident_adapters()
+    batch = working_set(store, resident, geometry, pool, "slots").step_inputs(["r8", None, "r13", "r3", "r8"],
+                                                                             [1, 2, 3, 1, 4])
     assert batch.names == ("r8", "r13", "r3")
     np.testing.assert_array_equal(batch.token_adapters, [0, -1, -1, 1, 1, 1, 2, 0, 0, 0, 0])
-    assert batch.max_rank == 16 and batch.table.ranks.shape == (4,)  # 3 slots → 4, rank 13 → 16
-    layers = jax.jit(gather_layers, static_argnames=("modules", "max_rank", "geometry"))(
-        tuple(map(jnp.asarray, pool.k)), tuple(map(jnp.asarray, pool.v)), batch.table,
-        modules=batch.modules, max_rank=batch.max_rank, geometry=geometry)
-    assert set(layers[0]) == set(MODULES)
+    lora = batch.weights
+    assert lora.max_rank == 16 and lora.num_adapters == 4  # 3 slots → 4, rank 13 → 16
+    assert set(lora.layers[0]) == set(MODULES)
     for layer in range(CFG.num_layers):
         for m in MODULES:
-            a, b = (np.asarray(x) for x in layers[layer][m])
+            a, b = (np.asarray(x) for x in lora.layers[layer][m])
             for slot, name in enumerate(batch.names):
                 adapter = store.get(name)
                 want_a = np.zeros((geometry.dims[m][0], 16), np.float32)
@@ -81,7 +90,67 @@ def test_gather_returns_each_adapter_zero_padded_to_the_working_rank():
                 np.testing.assert_array_equal(a[slot], want_a)
                 np.testing.assert_array_equal(b[slot], want_b)
             assert not np.any(a[3]) and not np.any(b[3])  # the padded slot
-    np.testing.assert_allclose(batch.table.scales[:3], [store.get(n).scale for n in batch.names])
+    np.testing.assert_allclose(np.asarray(lora.scales)[:3], [store.get(n).scale for n in batch.names])
+
+
+def test_columns_layout_puts_each_adapter_at_its_own_rank_side_by_side():
+    store, _allocator, pool, resident, geometry = three_resident_adapters()
+    assert unit_size(geometry) == 2  # half page 50, row widths 34/44/64: units never straddle a page half
+    batch = working_set(store, resident, geometry, pool, "columns").step_inputs(["r13", "r3", None, "r8"],
+                                                                               [2, 1, 1, 3])
+    np.testing.assert_array_equal(batch.token_adapters, [0, 0, 1, -1, 2, 2, 2])
+    lora = batch.weights
+    assert lora.num_adapters == 3 and lora.num_columns == 24  # ranks 13 + 3 + 8 = 24: no column of padding
+    owner = np.repeat([0, 1, 2], [13, 3, 8])
+    np.testing.assert_array_equal(np.asarray(lora.column_adapters), owner)
+    np.testing.assert_allclose(np.asarray(lora.column_scales), [store.get(batch.names[i]).scale for i in owner])
+    for layer in range(CFG.num_layers):
+        for m in MODULES:
+            a, b = (np.asarray(x) for x in lora.layers[layer][m])
+            want_a = np.zeros((geometry.dims[m][0], 24), np.float32)
+            want_b = np.zeros((24, geometry.dims[m][1]), np.float32)
+            start = 0
+            for name in batch.names:
+                adapter = store.get(name)
+                if m in adapter.modules:
+                    want_a[:, start: start + adapter.rank], want_b[start: start + adapter.rank] = \
+                        adapter.layers[layer][m]
+                start += adapter.rank
+            np.testing.assert_array_equal(a, want_a)  # exact: copied out of the garbage-filled pool
+            np.testing.assert_array_equal(b, want_b)
+    # Padding columns (a total rank off the column buckets) are zero and belong to no adapter.
+    padded = working_set(store, resident, geometry, pool, "columns").step_inputs(["r3", "r8"], [1, 1]).weights
+    assert padded.num_columns == 12 == column_bucket(11)
+    assert column_bucket(17) == 24 and column_bucket(25) == 32 and column_bucket(33) == 48
+    np.testing.assert_array_equal(np.asarray(padded.column_adapters), np.repeat([0, 1, -1], [3, 8, 1]))
+    for m in MODULES:
+        assert not np.any(np.asarray(padded.layers[0][m].a)[:, 11]) and not np.any(np.asarray(padded.layers[0][m].b)[11])
+
+
+def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload():
+    store, allocator, pool, resident, geometry = three_resident_adapters()
+    ws = working_set(store, resident, geometry, pool, "columns")
+    first = ws.step_inputs(["r8", "r3"], [4, 1])
+    assert ws.counts["working_set_builds"] == 1
+    # The same adapters, another order, or fewer of them: the kept copy, indices as it has them.
+    again = ws.step_inputs(["r3", None, "r8"], [1, 1, 1])
+    assert again.weights is first.weights and ws.counts["working_set_builds"] == 1
+    np.testing.assert_array_equal(again.token_adapters, [1, -1, 0])
+    assert ws.step_inputs(["r3"], [2]).weights is first.weights
+    # One it lacks: rebuilt with exactly the step's adapters.
+    third = ws.step_inputs(["r13", "r3"], [1, 1])
+    assert ws.counts["working_set_builds"] == 2 and third.weights.num_adapters == 2
+    # r13 evicted, other values written into its pages, and r13 loaded again: its new pages are re-read.
+    resident.drop("r13")
+    pages = allocator.allocate_raw("other", 8)
+    pool.write(pages, *[[np.full((8, PAGE_SIZE, CFG.num_kv_heads, CFG.head_dim), 7.0, np.float32)] * 2
+                        for _ in range(2)])
+    allocator.free("other")
+    assert resident.ensure("r13", store.get("r13"))
+    fourth = ws.step_inputs(["r13", "r3"], [1, 1])
+    assert ws.counts["working_set_builds"] == 3
+    a = np.asarray(fourth.weights.layers[1]["o_proj"].a)
+    np.testing.assert_array_equal(a[:, :13], store.get("r13").layers[1]["o_proj"][0])
 
 
 def test_pages_follow_rank_not_the_largest_rank():

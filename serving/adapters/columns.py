@@ -1,0 +1,111 @@
+"""The step's adapters in the column layout (`jvila.models.lora.LoraColumns`), read out of the page pool.
+
+Each adapter of a working set takes as many columns as its own rank (no adapter is padded to the
+largest rank of the batch); column c of module m holds one of the adapter's rank rows
+[A_m[:, j], B_m[j, :]] of `paged_layout`. The pool is read in units: the longest run of values
+that divides both a half page (the K or the V part of a page) and every module's row width, so a
+unit never straddles a page half and a rank row is a whole number of units. The host works out
+where every unit of every column lies (page, K or V, offset: `column_table`); the traced gather
+(`gather_columns`) reads them from each layer's pools with the same indices, since an adapter
+holds the same page ids in every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serving.adapters.paged_layout import MODULES, PoolGeometry
+
+
+def unit_size(geometry: PoolGeometry) -> int:
+    """Values per unit read: divides a half page and every module's rank-row width."""
+    return math.gcd(geometry.half_page, *(a + b for a, b in geometry.dims.values()))
+
+
+def column_bucket(n: int) -> int:
+    """Columns a working set of total rank n is padded to: 8, 12, 16, 24, 32, 48, ... (at most 1.5x n).
+
+    Few sizes keep the step's compilations few; padding columns cost a step matmul work, so the
+    steps are finer than powers of two.
+    """
+    size = 8
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ColumnTable:
+    """Where each column's rank row lies in the pools, per module of the working set (host or device arrays)."""
+
+    index: tuple  # per module [C, width / unit] int32: unit index into a pool viewed as [pages * half_page / unit, unit]
+    from_v: tuple  # per module [C, width / unit] bool: the unit lies in the V pool (else K)
+    live: tuple  # per module [C] bool: the column's adapter targets the module (else the column is zero)
+    column_adapters: np.ndarray  # [C] int32, -1 = padding
+    column_scales: np.ndarray  # [C] float32
+
+
+def column_table(geometry: PoolGeometry, adapters, modules, num_columns: int) -> ColumnTable:
+    """adapters: [(rank, targeted modules, page ids, scale)], adapter i's columns after adapter i-1's.
+
+    `modules`: the working set's modules (canonical order), each a block of the table.
+    """
+    unit = unit_size(geometry)
+    half = geometry.half_page // unit
+    total = sum(rank for rank, *_ in adapters)
+    if total > num_columns:
+        raise ValueError(f"{num_columns} columns cannot hold adapters of total rank {total}")
+    owner = np.full((num_columns,), -1, np.int32)
+    scales = np.zeros((num_columns,), np.float32)
+    starts = np.cumsum([0] + [rank for rank, *_ in adapters])
+    for i, (_, _, _, scale) in enumerate(adapters):
+        owner[starts[i]: starts[i + 1]] = i
+        scales[starts[i]: starts[i + 1]] = scale
+    index, from_v, live = [], [], []
+    for m in modules:
+        width = sum(geometry.dims[m]) // unit
+        m_index = np.zeros((num_columns, width), np.int32)
+        m_from_v = np.zeros((num_columns, width), bool)
+        m_live = np.zeros((num_columns,), bool)
+        for i, (rank, targeted, pages, _) in enumerate(adapters):
+            offset = geometry.module_offsets(rank, targeted)[MODULES.index(m)]
+            if offset < 0:
+                continue
+            # The adapter's stream position of each unit of its rank rows (offsets are whole rows: whole units).
+            stream = offset // unit + np.arange(rank)[:, None] * width + np.arange(width)[None, :]
+            page = np.asarray(pages, np.int64)[stream // (2 * half)]
+            cols = slice(starts[i], starts[i + 1])
+            m_index[cols] = page * half + stream % half
+            m_from_v[cols] = (stream // half) % 2 == 1
+            m_live[cols] = True
+        index.append(m_index)
+        from_v.append(m_from_v)
+        live.append(m_live)
+    return ColumnTable(tuple(index), tuple(from_v), tuple(live), owner, scales)
+
+
+def gather_columns(k_pages, v_pages, table: ColumnTable, *, modules, num_adapters: int, geometry: PoolGeometry):
+    """Traced: the working set's `LoraColumns` read from every layer's pools, in the pools' dtype."""
+    from jvila.models.lora import LoraColumns, ModuleLora  # only engines that serve adapters need the LoRA core
+
+    unit = unit_size(geometry)
+    layers = []
+    for k_pool, v_pool in zip(k_pages, v_pages):
+        k_units, v_units = k_pool.reshape(-1, unit), v_pool.reshape(-1, unit)
+        entry = {}
+        for j, m in enumerate(modules):
+            index, from_v, live = table.index[j], table.from_v[j], table.live[j]
+            rows = jnp.where(from_v[..., None], v_units[index], k_units[index]).reshape(index.shape[0], -1)
+            # Columns of adapters that do not target m, and padding columns, read unit 0: zero them.
+            rows = jnp.where(live[:, None], rows, jnp.zeros((), rows.dtype))
+            in_dim = geometry.dims[m][0]
+            entry[m] = ModuleLora(rows[:, :in_dim].T, rows[:, in_dim:])
+        layers.append(entry)
+    return LoraColumns(tuple(layers), jnp.asarray(table.column_adapters), jnp.asarray(table.column_scales),
+                       num_adapters)
