@@ -4,8 +4,9 @@ Rows of a step may each use a different adapter (or none). The step reads its ad
 working set: a device copy of some resident adapters, read out of the KV page pool (where they
 live: unified paging), each at a known index; a token's index is its row's adapter's, -1 for the
 base model. Building a working set copies the adapters out of the pool, so it is kept from step
-to step (`WorkingSet`) and rebuilt only when a step needs an adapter it lacks (then with exactly
-that step's adapters): while the same requests decode, step after step reuses it. An adapter
+to step (`WorkingSet`) and rebuilt only when a step needs an adapter it lacks, or (columns) when it
+holds a column bucket more than the step needs — then with exactly that step's adapters: while the
+same requests decode, step after step reuses it. An adapter
 keeps its pages while resident and is re-read after any new load (`ResidentAdapters.serial_of`),
 so a kept copy never goes stale.
 
@@ -81,12 +82,19 @@ class WorkingSet:
         if not names:
             return None
         keys = [(name, self.resident.serial_of(name)) for name in names]
-        if self._weights is None or any(key not in self._index for key in keys):
+        if self._weights is None or any(key not in self._index for key in keys) or self._oversized(names):
             self._build(names, keys)
         index = {name: self._index[key] for name, key in zip(names, keys)}
         token_adapters = np.repeat(np.asarray([-1 if a is None else index[a] for a in row_adapters], np.int32),
                                    np.asarray(row_tokens, np.int64))
         return LoraBatch(token_adapters, self._weights, tuple(names))
+
+    def _oversized(self, names) -> bool:
+        """Whether the kept column set is a bucket larger than the step needs (its extra columns cost every
+        token of every step matmul work, a rebuild costs one read of the step's adapters)."""
+        if self.layout != "columns":
+            return False
+        return column_bucket(sum(self.store.get(name).rank for name in names)) < self._weights.num_columns
 
     def clear(self) -> None:
         """Drop the device copy (it is rebuilt on the next step that serves an adapter)."""

@@ -130,16 +130,18 @@ def test_columns_layout_puts_each_adapter_at_its_own_rank_side_by_side():
 def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload():
     store, allocator, pool, resident, geometry = three_resident_adapters()
     ws = working_set(store, resident, geometry, pool, "columns")
-    first = ws.step_inputs(["r8", "r3"], [4, 1])
-    assert ws.counts["working_set_builds"] == 1
-    # The same adapters, another order, or fewer of them: the kept copy, indices as it has them.
-    again = ws.step_inputs(["r3", None, "r8"], [1, 1, 1])
+    first = ws.step_inputs(["r13", "r3"], [4, 1])
+    assert ws.counts["working_set_builds"] == 1 and first.weights.num_columns == 16
+    # The same adapters, another order, or fewer of them within the same column bucket: the kept copy,
+    # indices as it has them.
+    again = ws.step_inputs(["r3", None, "r13"], [1, 1, 1])
     assert again.weights is first.weights and ws.counts["working_set_builds"] == 1
     np.testing.assert_array_equal(again.token_adapters, [1, -1, 0])
-    assert ws.step_inputs(["r3"], [2]).weights is first.weights
-    # One it lacks: rebuilt with exactly the step's adapters.
+    assert ws.step_inputs(["r13"], [2]).weights is first.weights
+    # A column bucket fewer (rank 3 alone: 8 columns), or one it lacks: rebuilt with exactly the step's adapters.
+    assert ws.step_inputs(["r3"], [2]).weights.num_columns == 8 and ws.counts["working_set_builds"] == 2
     third = ws.step_inputs(["r13", "r3"], [1, 1])
-    assert ws.counts["working_set_builds"] == 2 and third.weights.num_adapters == 2
+    assert ws.counts["working_set_builds"] == 3 and third.weights.num_adapters == 2
     # r13 evicted, other values written into its pages, and r13 loaded again: its new pages are re-read.
     resident.drop("r13")
     pages = allocator.allocate_raw("other", 8)
@@ -148,7 +150,7 @@ def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload(
     allocator.free("other")
     assert resident.ensure("r13", store.get("r13"))
     fourth = ws.step_inputs(["r13", "r3"], [1, 1])
-    assert ws.counts["working_set_builds"] == 3
+    assert ws.counts["working_set_builds"] == 4
     a = np.asarray(fourth.weights.layers[1]["o_proj"].a)
     np.testing.assert_array_equal(a[:, :13], store.get("r13").layers[1]["o_proj"][0])
 
