@@ -39,20 +39,21 @@ class VideoInputs:
 
     def frames(self, sources: Sequence[Any]) -> np.ndarray:
         """[videos, T, H, W, 3] float32 for the record's videos, in order."""
-        from jvila.processing.media_prompt import video_media
+        from jvila.processing.media_prompt import single_tile
         from jvila.processing.video import load_video_frames
 
         clips = []
         for source in sources:
-            if self.min_frames > 1:
-                # load_video_frames hands back one image object per distinct sampled frame (a short
-                # video repeats them), and a video of n < T frames has all n sampled: the distinct
-                # objects count the decodable frames up to T.
-                distinct = len({id(frame) for frame in load_video_frames(source, self.num_frames)})
-                if distinct < min(self.min_frames, self.num_frames):
-                    raise MediaError(f"video {source} has {distinct} decodable frames, fewer than the "
-                                     f"{self.min_frames} min_video_frames asks")
-            clips.append(video_media(self.settings, source, 0, self.num_frames).frames)
+            frames = load_video_frames(source, self.num_frames)
+            # load_video_frames hands back one image object per distinct sampled frame (a short video
+            # repeats them), and a video of n < T frames has all n sampled: the distinct objects count
+            # its decodable frames, up to T.
+            distinct = len({id(frame) for frame in frames})
+            if distinct < min(self.min_frames, self.num_frames):
+                raise MediaError(f"video {source} has {distinct} decodable frames, fewer than the "
+                                 f"{self.min_frames} min_video_frames asks")
+            # Each frame one tile: media_prompt.video_media's own steps, on the frames decoded once.
+            clips.append(np.concatenate([single_tile(self.settings, frame) for frame in frames]))
         return np.stack(clips).astype(np.float32)
 
 
