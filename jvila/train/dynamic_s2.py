@@ -31,6 +31,7 @@ adds the same terms with product weights, which differs from it by float32 round
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -119,14 +120,16 @@ class S2Layout:
             widths = max(widths, wy * wx)
         return widths
 
-    def _image_terms(self, grid: Grid, tile_offset: int):
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (a frozen, hashable layout; a few grids each)
+    def _image_terms(self, grid: Grid):
         """Per scale: (index [Ho·Wo, J], weight [Ho·Wo, J]) over the image's output pixels in block
-        order (block-major, row-major within a block), feature indices offset by the image's first tile."""
+        order (block-major, row-major within a block), feature indices counted from the image's first
+        tile (a row adds its offset). Cached: a grid's tables are the same in every row."""
         g, gg = self.grid_size, self.grid_size ** 2
         if grid is None:
             index = np.zeros((gg, self.terms), np.int64)
             weight = np.zeros((gg, self.terms), np.float32)
-            index[:, 0] = tile_offset * gg + np.arange(gg)
+            index[:, 0] = np.arange(gg)
             weight[:, 0] = 1.0
             return [(index, weight)] * len(self.scales)
         if self._terms(grid) > self.terms:
@@ -138,7 +141,7 @@ class S2Layout:
         block, inner = np.divmod(np.arange(height * width), gg)
         y = (block // out_cols) * g + inner // g
         x = (block % out_cols) * g + inner % g
-        per_scale, first = [], tile_offset
+        per_scale, first = [], 0
         for rows, cols in s2_scale_grids(self.scales, grid):
             iy, my = _area_windows(rows * g, height)
             ix, mx = _area_windows(cols * g, width)
@@ -155,6 +158,7 @@ class S2Layout:
             first += rows * cols
         return per_scale
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019
     def _image_token_order(self, grid: Grid) -> np.ndarray:
         """Token rows of one image's blocks in prompt order: row-major over the re-stitched block maps."""
         out_rows, out_cols = self.output_grid(grid)
@@ -178,8 +182,8 @@ class S2Layout:
             if tiles + count > self.max_tiles:
                 raise ValueError(f"the row's images need more than max_tiles_per_row={self.max_tiles} tiles")
             start = blocks * gg
-            for s, (idx, w) in enumerate(self._image_terms(grid, tiles)):
-                index[s, start:start + len(idx)] = idx
+            for s, (idx, w) in enumerate(self._image_terms(grid)):
+                index[s, start:start + len(idx)] = idx + tiles * gg
                 weight[s, start:start + len(idx)] = w
             order = blocks * self.block_tokens + self._image_token_order(grid)
             ends = pool_end + np.arange(self.end_tokens)
