@@ -83,8 +83,9 @@ def _records(tmp_path, rng, extra=()):
 
 
 def _iterator(tmp_path, tokenizer, cfg, **kw):
+    # No video slots: every slot would run its frames through the tower in each step.
     data = dict(paths=[str(tmp_path / "r.jsonl")], packing_length=400, max_tiles_per_row=34, global_batch_size=2,
-                num_epochs=1, shuffle=False) | kw
+                num_epochs=1, shuffle=False, max_videos_per_row=0) | kw
     return build_train_iterator(DataConfig(**data), tokenizer, _settings(), cfg, process_index=0, process_count=1)
 
 
@@ -209,9 +210,8 @@ def test_steps_lower_the_loss_in_one_compile_and_state_round_trips(tmp_path):
         assert a.keys() == b.keys() >= {"s2_index", "s2_weight", "s2_rows", "images"}
         for k in a:
             np.testing.assert_array_equal(a[k], b[k])
-    mixes = {tuple(np.flatnonzero(b["s2_rows"][0]).tolist()[:3] + [int((b["tokens"][0] == cfg.image_token_id).sum())])
-             for b in batches + later}
-    assert len(mixes) > 1  # different grid mixes reach the same program
+    # Different grid mixes (so different tables) reach the same program below.
+    assert len({b["s2_index"].tobytes() for b in batches + later}) > 1
 
     model = _model(cfg, 2)
     graphdef, params = nnx.split(model)
