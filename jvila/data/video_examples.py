@@ -7,6 +7,13 @@ stream it is one `<vila/video>` placeholder widened to Kv = `video_token_count(c
 of the video token id: the rows of the block `video_block` splices in (TSP-pooled groups, each
 followed by the "\\n" end embeddings).
 
+VILA's training data path (llava/data/dataset_impl/llava.py LLaVADataset + llava/data/base.py)
+puts a record's images, then its videos, first in the first user turn and processes each frame as
+one image; its main branch then writes one `<image>` per frame (`extract_media`), while the
+released NVILA checkpoints' remote code — which jvila's inference follows — writes one
+`<vila/video>` per video and TSP-pools the frames. Training here follows jvila's inference, so a
+trained model sees at serving time exactly the tokens and embeddings it was trained on.
+
 A video that cannot be used is a MediaError, which the pipeline counts as bad_media and skips: a
 missing or unreadable file, no decodable frame, or fewer decodable frames than `min_frames`. VILA's
 dataset instead trains such a record on black frames with the answer "Empty video."; skipping
