@@ -208,3 +208,19 @@ def test_step_flops_count_every_frame_of_a_video():
     tower = flops(cfg.image_token_id, k) - text - projector * k  # the image count puts K on the projector
     assert tower > 0
     assert flops(cfg.video_token_id, kv) - text == pytest.approx(FRAMES * (tower + projector * 4), rel=1e-12)
+
+
+def test_videos_split_over_rows_only_on_a_mesh_with_sequence_shards():
+    """The loop places `videos` [B, V, T, H, W, 3] by rows alone: V (here 3) need not divide over the
+    sequence shards that split tokens [B, L]."""
+    from jvila.train.loop import global_batch
+    from sharding.mesh import MeshConfig, build_mesh
+
+    mesh = build_mesh(MeshConfig(fsdp=2, sequence=2, sequence_a2a=2), jax.devices()[:8])
+    rng = np.random.default_rng()
+    local = {"tokens": rng.integers(0, 50, (4, 16)).astype(np.int32),
+             "videos": rng.normal(size=(4, 3, FRAMES, 7, 7, 3)).astype(np.float32)}
+    placed = global_batch(local, mesh)
+    np.testing.assert_array_equal(np.asarray(placed["videos"]), local["videos"])
+    assert placed["videos"].sharding.spec[1:] in ((), (None,) * 5)  # rows split, the rest whole
+    assert placed["tokens"].sharding.spec[1] is not None  # tokens: split over the sequence shards
