@@ -21,6 +21,9 @@ first serves the trace untimed (every step shape compiles), then `--repeats` tim
 as a ratio to `merged` at every adapter count.
 
     python benchmarks/multi_lora.py                 # CPU: tiny model, 1/10/100/1000 adapters
+    python benchmarks/multi_lora.py --model smollm2-135m --adapters 1000
+                                                    # SmolLM2-135M's shape (random weights): an adapter
+                                                    # is a small part of its projection, as at 7B
                                                     # GPU: a 1B-class shape in bf16 (benchmarks/gpu_suite.sh)
     python benchmarks/multi_lora.py --dry-run       # seconds: what the dry-run test runs
 """
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jvila.config import LLMConfig
+from jvila.config import LLMConfig, RopeConfig
 from jvila.models.llm import LLM
 from jvila.models.lora import Adapter, LoraConfig, merge, module_shape, unmerge
 from serving.adapters.store import AdapterStore, stored_adapter
@@ -53,6 +56,12 @@ MODEL = LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_la
 # On a GPU: a 1B-class Llama shape (random weights, bf16), where adapter traffic competes with real matmuls.
 GPU_MODEL = LLMConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=8, num_heads=16,
                       num_kv_heads=8, head_dim=128, max_position_embeddings=2048)
+# SmolLM2-135M's shape (its config.json; random weights): hidden 576, 30 layers. A rank-64 adapter on
+# q/k/v/o adds 64 x (576 + 576) MACs per token to q_proj's 576 x 576 (a fifth); ranks average 30.
+SMOLLM2_MODEL = LLMConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                          num_kv_heads=3, head_dim=64, rope=RopeConfig(theta=100000.0), tie_embeddings=True,
+                          max_position_embeddings=8192)
+MODELS = {"tiny": MODEL, "smollm2-135m": SMOLLM2_MODEL}
 DRY_MODEL = LLMConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, max_position_embeddings=512)
 RANKS = (8, 16, 32, 64)  # S-LoRA's S2 setting
@@ -196,9 +205,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up (median)")
     parser.add_argument("--min-step-rows", type=int, default=1, help="smallest row bucket of a step (fewer shapes)")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS), help="adapter i has ranks[i % len]")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="tiny: hidden 128 x 2 layers (an adapter costs about its projection); smollm2-135m: "
+                             "SmolLM2-135M's shape, random weights (an adapter is a small part of it)")
+    parser.add_argument("--distinct-weights", type=int, default=DISTINCT_WEIGHTS,
+                        help="adapters past this many share weight arrays in host memory")
     parser.add_argument("--dry-run", action="store_true", help="tiny model, 2 adapters, 4 short requests, no warm-up")
     args = parser.parse_args(argv)
-    config, dtype = MODEL, jnp.float32
+    config, dtype = MODELS[args.model], jnp.float32
     if jax.default_backend() == "gpu" and not args.dry_run:
         config, dtype = GPU_MODEL, jnp.bfloat16
         args.length_scale, args.num_requests, args.repeats = 1 / 2, max(args.num_requests, 256), 1
@@ -217,10 +231,10 @@ def main(argv=None) -> int:
           f"{args.num_requests} requests, lengths [{lo}, {hi}), alpha {args.alpha}, cv {args.cv}, "
           f"rate {args.req_rate}/s; ranks {tuple(args.ranks)} on {'/'.join(m[0] for m in TARGETS)}", flush=True)
     rng = np.random.default_rng(0)
-    # Past DISTINCT_WEIGHTS, adapters share weight arrays in host memory (1000 distinct 1B-class adapters would
+    # Past --distinct-weights, adapters share weight arrays in host memory (1000 distinct 1B-class adapters would
     # not fit it); each is still its own adapter to the server: its own name, pages and loads.
     distinct = [random_adapter(config, args.ranks[i % len(args.ranks)], rng)
-                for i in range(min(max(args.adapters), DISTINCT_WEIGHTS))]
+                for i in range(min(max(args.adapters), args.distinct_weights))]
     all_adapters = [distinct[i % len(distinct)] for i in range(max(args.adapters))]
     table = {}
     print(f"{'adapters':>8} {'system':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'loads':>6} "

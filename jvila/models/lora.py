@@ -364,9 +364,10 @@ class LoraContext:
     `implementation`: "dense" (`dense_lora`), "segment_dense" (`segment_dense_lora`), "gather" (per-token
     gathered einsum), or a kernel implementation of `pallas_kernels.lora`; None = on CPU the cheapest
     of those for the step's shape (`_cpu_implementation`), elsewhere the kernels' dispatch.
+    With `weights` a `LoraColumns`, every module runs `column_lora` (segments and implementation unused).
     """
 
-    weights: LoraWeights
+    weights: LoraWeights | LoraColumns
     token_adapters: jax.Array
     segment_starts: jax.Array | None = None
     segment_adapters: jax.Array | None = None
