@@ -216,9 +216,9 @@ def _media_first_with_videos(record_id, turns: tuple[Turn, ...], num_images: int
     """VILA's LLaVADataset on a record with videos: every media placeholder of the kinds above (and a
     newline beside it) leaves every turn, and the images, then the videos, go first in the first user
     turn — where the inference prompt builder puts media given beside a chat. VILA drops placeholders
-    whatever their number; here they must be absent or one per image and video."""
+    whatever their number; here they must be absent, or one per image, per video, or per both."""
     count = sum(turn.text.count(token) for turn in turns for token in VIDEO_RECORD_PLACEHOLDERS)
-    if count not in (0, num_images + num_videos):
+    if count not in (0, num_images, num_videos, num_images + num_videos):
         raise RecordError(record_id, f"has {count} media placeholders ({', '.join(VIDEO_RECORD_PLACEHOLDERS)}) for "
                           f"{num_images} images and {num_videos} videos")
     first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)

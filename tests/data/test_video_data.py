@@ -12,6 +12,7 @@ import pytest
 from jvila.config import LLMConfig
 from jvila.data.demo_shapes import demo_tokenizer_files
 from jvila.data.pipeline import DataConfig, SkippedRecordWarning, build_train_iterator
+from jvila.data.records import RecordError, parse_record
 from jvila.models.nvila import image_token_count, video_token_count
 from jvila.processing.image import SiglipPreprocessor, load_rgb
 from jvila.processing.media_prompt import MediaSettings, build_media_prompt, single_tile, video_media
@@ -243,3 +244,24 @@ def test_bad_video_files_are_skipped_counted_and_the_run_goes_on(tmp_path):
     with pytest.warns(SkippedRecordWarning, match="max_videos_per_row is 0"):
         batches = list(plain)
     assert all("videos" not in b for b in batches) and plain.skipped == {"unsupported": 7}
+
+
+def test_video_record_placeholders():
+    """Placeholders in a record with videos mark nothing (the media go first, images then videos), but
+    their count must fit: none, one per image, one per video, or one per both."""
+    def first_turn(value, images, videos):
+        record = parse_record({"id": "p", "image": images, "video": videos,
+                               "conversations": [{"from": "human", "value": value}, {"from": "gpt", "value": "a"}]})
+        return record.turns[0].text
+
+    two = ["a.mp4", "b.mp4"]
+    assert first_turn("<image>\nWhat?", ["p.png"], two) == "<image><vila/video><vila/video>What?"
+    assert first_turn("<video>\n<video>\nWhat?", ["p.png"], two) == "<image><vila/video><vila/video>What?"
+    assert first_turn("What?\n<vila/video>", [], ["a.mp4"]) == "<vila/video>What?"
+    with pytest.raises(RecordError, match="4 media placeholders .* for 1 images and 2 videos"):
+        first_turn("<image>" * 4 + "What?", ["p.png"], two)
+    # OpenAI-style: a record naming a video beside its messages gets it after the leading images.
+    record = parse_record({"id": "o", "videos": ["a.mp4"], "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "p.png"}, {"type": "text", "text": "Both?"}]},
+        {"role": "assistant", "content": "yes"}]})
+    assert record.turns[0].text == "<image><vila/video>Both?" and record.videos == ("a.mp4",)
