@@ -134,7 +134,7 @@ def _with_media_ids(cfg, files):
     from jvila.processing.tokenizer import Tokenizer
     from jvila.vision_config import NVILAConfig
 
-    if not isinstance(cfg, NVILAConfig) or (cfg.image_token_id and cfg.media_end_token_ids):
+    if not isinstance(cfg, NVILAConfig) or (cfg.image_token_id and cfg.video_token_id and cfg.media_end_token_ids):
         return cfg
     tokenizer = Tokenizer.from_files(files)
     ids = ensure_media_tokens(tokenizer)
