@@ -8,6 +8,8 @@ the "q_heads"/"kv_heads" names can shard attention by head. Attention is a calla
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -79,14 +81,39 @@ class SelfAttention(nnx.Module):
         # Heads folded into one axis first: a plain 2-D matmul, which XLA runs on the stored
         # weight as is (contracting two axes made it transpose o_proj on every call).
         batch, seq = out.shape[:2]
-        o_proj = self.o_proj[...].astype(dt)
+        o_proj = self.o_proj[...]
         heads_out = out.reshape(batch, seq, -1)
-        out = heads_out @ o_proj.reshape(-1, o_proj.shape[-1])
+        out = _matmul(heads_out, o_proj.reshape(-1, o_proj.shape[-1]))
         if lora is not None:
             out = lora.add("o_proj", heads_out, out)
         if self.out_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, pages
+
+
+def _matmul(x, w, *, out_dtype=None, transposed: bool = False):
+    """x [..., k] @ w [k, n] (or w [n, k] with `transposed`) → [..., n] in `out_dtype` (default x's
+    dtype); w is cast to x's dtype.
+
+    Below float32 (bfloat16) the dot accumulates in float32 and rounds its result once. On XLA's CPU
+    backend that is also the fast form: a bfloat16 dot with a bfloat16 result, and a bfloat16
+    matrix-vector product (one row), both take a slow path there (~10x float32's time for SmolLM2's
+    shapes, measured on an AVX-512 BF16 CPU), so on CPU a lone row is padded to two.
+    """
+    out_dtype = out_dtype or x.dtype
+    w = w.astype(x.dtype)
+    low = x.dtype != jnp.float32
+    accumulate = jnp.float32 if low else None
+
+    def dot(a):  # contracts a's last axis, keeping its leading axes (and their sharding) as they are
+        contract = (((a.ndim - 1,), (1 if transposed else 0,)), ((), ()))
+        return jax.lax.dot_general(a, w, contract, preferred_element_type=accumulate)
+
+    if low and math.prod(x.shape[:-1]) == 1 and jax.default_backend() == "cpu":
+        y = dot(jnp.pad(x.reshape(1, -1), ((0, 1), (0, 0))))[:1].reshape(*x.shape[:-1], -1)
+    else:
+        y = dot(x)
+    return y.astype(out_dtype)
 
 
 def _project_to_heads(x, w, lora=None, name=None):
@@ -95,7 +122,7 @@ def _project_to_heads(x, w, lora=None, name=None):
     `lora` (a `jvila.models.lora.LayerLora`) adds module `name`'s adapters on the flat [b, t, heads * d] output.
     """
     e, heads, d = w.shape
-    y = x @ w.astype(x.dtype).reshape(e, heads * d)
+    y = _matmul(x, w.reshape(e, heads * d))
     if lora is not None:
         y = lora.add(name, x, y)
     return y.reshape(*x.shape[:2], heads, d)
@@ -111,18 +138,16 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
 
     def __call__(self, x, lora=None):
-        dt = x.dtype
         if lora is not None:
             return self._with_lora(x, lora)
-        gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-        return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+        gate = jax.nn.silu(_matmul(x, self.gate_proj[...]))
+        return _matmul(gate * _matmul(x, self.up_proj[...]), self.down_proj[...])
 
     def _with_lora(self, x, lora):
         """The same SwiGLU with `lora` (a `jvila.models.lora.LayerLora`) added after each projection."""
-        dt = x.dtype
-        gate = jax.nn.silu(lora.add("gate_proj", x, x @ self.gate_proj[...].astype(dt)))
-        hidden = gate * lora.add("up_proj", x, x @ self.up_proj[...].astype(dt))
-        return lora.add("down_proj", hidden, hidden @ self.down_proj[...].astype(dt))
+        gate = jax.nn.silu(lora.add("gate_proj", x, _matmul(x, self.gate_proj[...])))
+        hidden = gate * lora.add("up_proj", x, _matmul(x, self.up_proj[...]))
+        return lora.add("down_proj", hidden, _matmul(hidden, self.down_proj[...]))
 
 
 class DecoderLayer(nnx.Module):
@@ -208,10 +233,9 @@ class LLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., hidden] → float32 logits [..., vocab]."""
-        dt = hidden.dtype
-        if self.config.tie_embeddings:
-            return jnp.einsum("...e,ve->...v", hidden, self.embed[...].astype(dt), preferred_element_type=jnp.float32)
-        return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+        if self.config.tie_embeddings:  # the embedding table as stored, [vocab, hidden]
+            return _matmul(hidden, self.embed[...], out_dtype=jnp.float32, transposed=True)
+        return _matmul(hidden, self.lm_head[...], out_dtype=jnp.float32)
 
 
 def _rematerialized_layer(layer: DecoderLayer, x, policy: str, **kwargs):
