@@ -13,6 +13,7 @@ holds the same page ids in every layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -57,7 +58,6 @@ def column_table(geometry: PoolGeometry, adapters, modules, num_columns: int) ->
     `modules`: the working set's modules (canonical order), each a block of the table.
     """
     unit = unit_size(geometry)
-    half = geometry.half_page // unit
     total = sum(rank for rank, *_ in adapters)
     if total > num_columns:
         raise ValueError(f"{num_columns} columns cannot hold adapters of total rank {total}")
@@ -74,15 +74,11 @@ def column_table(geometry: PoolGeometry, adapters, modules, num_columns: int) ->
         m_from_v = np.zeros((num_columns, width), bool)
         m_live = np.zeros((num_columns,), bool)
         for i, (rank, targeted, pages, _) in enumerate(adapters):
-            offset = geometry.module_offsets(rank, targeted)[MODULES.index(m)]
-            if offset < 0:
+            units = _rank_row_units(geometry, rank, tuple(targeted), tuple(pages), m)
+            if units is None:
                 continue
-            # The adapter's stream position of each unit of its rank rows (offsets are whole rows: whole units).
-            stream = offset // unit + np.arange(rank)[:, None] * width + np.arange(width)[None, :]
-            page = np.asarray(pages, np.int64)[stream // (2 * half)]
             cols = slice(starts[i], starts[i + 1])
-            m_index[cols] = page * half + stream % half
-            m_from_v[cols] = (stream // half) % 2 == 1
+            m_index[cols], m_from_v[cols] = units
             m_live[cols] = True
         index.append(m_index)
         from_v.append(m_from_v)
@@ -90,9 +86,29 @@ def column_table(geometry: PoolGeometry, adapters, modules, num_columns: int) ->
     return ColumnTable(tuple(index), tuple(from_v), tuple(live), owner, scales)
 
 
+@functools.lru_cache(maxsize=4096)
+def _rank_row_units(geometry: PoolGeometry, rank: int, targeted: tuple, pages: tuple, module: str):
+    """(unit index [rank, width / unit], from V [rank, width / unit]) of an adapter's rank rows of `module`
+    (None: not targeted). A function of the page ids and the layout alone, so the few adapters a
+    server keeps resident are worked out once, not at each rebuild of the working set."""
+    offset = geometry.module_offsets(rank, targeted)[MODULES.index(module)]
+    if offset < 0:
+        return None
+    unit = unit_size(geometry)
+    half = geometry.half_page // unit
+    width = sum(geometry.dims[module]) // unit
+    # The adapter's stream position of each unit of its rank rows (offsets are whole rows: whole units).
+    stream = offset // unit + np.arange(rank)[:, None] * width + np.arange(width)[None, :]
+    page = np.asarray(pages, np.int64)[stream // (2 * half)]
+    return (page * half + stream % half).astype(np.int32), (stream // half) % 2 == 1
+
+
 def gather_columns(k_pages, v_pages, table: ColumnTable, *, modules, num_adapters: int, geometry: PoolGeometry):
     """Traced: the working set's `LoraColumns` read from every layer's pools, in the pools' dtype."""
-    from jvila.models.lora import LoraColumns, ModuleLora  # only engines that serve adapters need the LoRA core
+    from jvila.models.lora import (  # only engines that serve adapters need the LoRA core
+        LoraColumns,
+        ModuleLora,
+    )
 
     unit = unit_size(geometry)
     layers = []

@@ -159,7 +159,10 @@ def gather_layers(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int,
 @functools.partial(jax.jit, static_argnames=("modules", "max_rank", "geometry"))
 def _gather_slots(k_pages, v_pages, table: SlotTable, *, modules, max_rank: int, geometry: PoolGeometry):
     """The slots layout's `LoraWeights` (the functional core's stacked adapters) gathered from the pools."""
-    from jvila.models.lora import LoraWeights, ModuleLora  # only engines that serve adapters need the LoRA core
+    from jvila.models.lora import (  # only engines that serve adapters need the LoRA core
+        LoraWeights,
+        ModuleLora,
+    )
 
     layers = gather_layers(k_pages, v_pages, table, modules=modules, max_rank=max_rank, geometry=geometry)
     return LoraWeights(tuple({m: ModuleLora(*pair) for m, pair in layer.items()} for layer in layers), table.scales)

@@ -1,16 +1,15 @@
 """Adapters inside the KV page pool: the layout round-trips, ranks are not padded in memory, and pages
 move between adapters and KV (S-LoRA's unified paging)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jvila.config import LLMConfig
+from serving.adapters.columns import column_bucket, unit_size
 from serving.adapters.paged_layout import MODULES, PoolGeometry, module_dims
 from serving.adapters.resident import ResidentAdapters
 from serving.adapters.store import AdapterError, AdapterStore, StoredAdapter
-from serving.adapters.columns import column_bucket, unit_size
 from serving.adapters.working_set import WorkingSet
 from serving.page_allocator import OutOfPages, PageAllocator
 
