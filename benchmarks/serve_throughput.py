@@ -5,9 +5,12 @@ the prefix-sharing gain on a shared-system-prompt workload. One table of medians
 Load is closed-loop: C clients on loopback each send their next request when the last one ends, through
 the official `openai` client, streamed (one chunk per token: logprobs=0), greedy, a fixed number of output
 tokens (EOS ignored), random-id prompts of a fixed length (unique, so nothing is shared by accident).
-transformers runs the same prompt length and output length as one batch of C.
+transformers runs the same prompt length and output length as one batch of C, in the same dtype as the
+server (float32 against float32, bfloat16 against torch bfloat16), its runs alternating with the server's
+passes so that a busy machine slows both alike; tok/s are medians over the repeats.
 
-    python benchmarks/serve_throughput.py                              # SmolLM2-135M-Instruct, CPU
+    python benchmarks/serve_throughput.py                              # SmolLM2-135M-Instruct, CPU, fp32 and bf16
+    python benchmarks/serve_throughput.py --dtypes bfloat16            # one dtype only
     python benchmarks/serve_throughput.py --config qwen2-0.5b-random   # Qwen2-0.5B-shaped, random, bf16, GPU
     python benchmarks/serve_throughput.py --dry-run                    # tiny random model: seconds (a test)
 """
@@ -54,7 +57,7 @@ class Workload:
     question_tokens: int
     prefix_requests: int
     prefix_clients: int
-    repeats: int  # transformers timing repeats (median)
+    repeats: int  # timed passes per load level, server and transformers alike (median)
 
 
 WORKLOADS = {
@@ -69,24 +72,37 @@ OPTIONS = {
 }
 
 
-def build(config: str):
-    """(graphdef, state, tokenizer, transformers model, torch device, description)."""
+DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
+
+
+def in_dtype(graphdef, state, dtype):
+    """The model with its parameters and compute in `dtype` (as jvila.load(..., dtype=...) builds it)."""
+    model = nnx.merge(graphdef, state)
+    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, nnx.Param)))
+    model.compute_dtype = dtype
+    return nnx.split(model)
+
+
+def build(config: str, dtype: str):
+    """(graphdef, state, tokenizer, transformers model, torch device, description), both sides in `dtype`."""
     from live_server import tiny_model, tiny_tokenizer
 
+    jax_dtype, torch_dtype = DTYPES[dtype]
     if config == "dry-run":
         tokenizer = tiny_tokenizer()
         hf, graphdef, state = tiny_model(tokenizer.vocab_size)
-        return graphdef, state, tokenizer, hf, "cpu", "tiny random Llama (dry run)"
+        return (*in_dtype(graphdef, state, jax_dtype), tokenizer, hf.to(torch_dtype), "cpu",
+                "tiny random Llama (dry run)")
     if config == "smollm2-135m":
         from jvila.checkpoints.known_models import resolve_gguf
         from jvila.checkpoints.pretrained import load_pretrained
         from jvila.processing.tokenizer import Tokenizer
 
-        model, tok_dir = load_pretrained("smollm2-135m-instruct")
+        model, tok_dir = load_pretrained("smollm2-135m-instruct", param_dtype=jax_dtype)
         path = resolve_gguf("smollm2-135m-instruct")
         hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                               dtype=torch.float32).eval()
-        return *nnx.split(model), Tokenizer.from_dir(tok_dir), hf, "cpu", "SmolLM2-135M-Instruct fp32"
+                                                               dtype=torch.float32).eval().to(torch_dtype)
+        return *nnx.split(model), Tokenizer.from_dir(tok_dir), hf, "cpu", "SmolLM2-135M-Instruct"
     if config == "qwen2-0.5b-random":
         from jvila.checkpoints.convert import hf_to_params
         from jvila.checkpoints.hf_form import HFCheckpoint
@@ -99,11 +115,11 @@ def build(config: str):
         hf = transformers.Qwen2ForCausalLM(hf_config).eval()
         tensors = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
         cfg, params = hf_to_params(HFCheckpoint(hf.config.to_dict(), tensors))
-        model = model_from_params(cfg, params, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
+        model = model_from_params(cfg, params, param_dtype=jax_dtype, compute_dtype=jax_dtype)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        hf = hf.to(device=device, dtype=torch.bfloat16)
+        hf = hf.to(device=device, dtype=torch_dtype)
         # Only decoding for the stream needs a tokenizer: ids past its vocabulary decode to nothing.
-        return *nnx.split(model), tiny_tokenizer(), hf, device, "Qwen2-0.5B-shaped, random weights, bf16"
+        return *nnx.split(model), tiny_tokenizer(), hf, device, "Qwen2-0.5B-shaped, random weights"
     raise ValueError(f"unknown config {config!r}")
 
 
@@ -135,24 +151,21 @@ def closed_loop(client, prompts, output_tokens: int, clients: int) -> dict:
     return {"wall": wall, "tok_s": sum(tokens) / wall, "ttft": np.asarray(ttft), "tpot": np.asarray(tpot)}
 
 
-def transformers_tok_s(hf, device: str, batch: int, prompt_tokens: int, output_tokens: int, repeats: int) -> float:
+def transformers_pass(hf, device: str, batch: int, prompt_tokens: int, output_tokens: int):
+    """A function that runs transformers' `generate` on one batch and returns its output tokens/s."""
     ids = torch.randint(3, hf.config.vocab_size, (batch, prompt_tokens), device=device)
 
-    def run():
+    def run() -> float:
+        start = time.perf_counter()
         with torch.no_grad():
             out = hf.generate(ids, max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False,
                               pad_token_id=0)
         if device == "cuda":
             torch.cuda.synchronize()
         assert out.shape[1] == prompt_tokens + output_tokens
+        return batch * output_tokens / (time.perf_counter() - start)
 
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return batch * output_tokens / statistics.median(times)
+    return run
 
 
 def warm_up(run, max_passes: int = 4) -> None:
@@ -175,81 +188,131 @@ def measured(run, max_runs: int = 3) -> dict:
     return result
 
 
+def timed(run) -> dict:
+    before = StepRunner.num_compilations()
+    result = run()
+    result["compiles"] = StepRunner.num_compilations() - before
+    return result
+
+
+def pooled(passes: list[dict]) -> dict:
+    """Median tok/s over the passes; latency percentiles over all their requests; compilations summed."""
+    return {"tok_s": statistics.median(p["tok_s"] for p in passes),
+            "ttft": np.concatenate([p["ttft"] for p in passes]), "tpot": np.concatenate([p["tpot"] for p in passes]),
+            "compiles": sum(p["compiles"] for p in passes), "passes": len(passes)}
+
+
 def pct(values, q) -> float:
     return float(np.percentile(values, q)) * 1e3
+
+
+class Served:
+    """One dtype's side: the engine behind its server, an `openai` client on it, and transformers' model."""
+
+    def __init__(self, config: str, dtype: str, options: EngineOptions):
+        graphdef, state, tokenizer, self.hf, self.device, description = build(config, dtype)
+        self.dtype, self.description = dtype, f"{description} {dtype}"
+        self.vocab = min(self.hf.config.vocab_size, nnx.merge(graphdef, state).config.vocab_size)
+        self.engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for("fcfs"), options=options)
+        app = create_app(AsyncEngine(self.engine), tokenizer, model_name=SERVED_NAME,
+                         max_context=self.engine.max_context, vocab_size=self.engine.vocab_size)
+        self.server = ServerThread(app).start()
+        self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="none", max_retries=0, timeout=3600)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("smollm2-135m", "qwen2-0.5b-random"),
                         help="default: qwen2-0.5b-random on a GPU (as the GPU suite runs it), else smollm2-135m")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
+                        help="default: bfloat16 for qwen2-0.5b-random, float32 and bfloat16 otherwise")
+    parser.add_argument("--repeats", type=int, help="timed passes per load level (default: the workload's)")
     parser.add_argument("--dry-run", action="store_true", help="tiny random model, tiny load: checks the script")
     args = parser.parse_args(argv)
     default = "qwen2-0.5b-random" if jax.default_backend() == "gpu" else "smollm2-135m"
     config = "dry-run" if args.dry_run else args.config or default
     work, options = WORKLOADS[config], OPTIONS[config]
+    dtypes = args.dtypes or (["bfloat16"] if config == "qwen2-0.5b-random" else ["float32", "bfloat16"])
+    repeats = args.repeats or work.repeats
     torch.set_num_threads(os.cpu_count())
-    graphdef, state, tokenizer, hf, device, description = build(config)
-    vocab = min(hf.config.vocab_size, nnx.merge(graphdef, state).config.vocab_size)
-    # The baseline first, while nothing else runs in this process.
-    baselines = {clients: transformers_tok_s(hf, device, clients, work.prompt_tokens, work.output_tokens,
-                                             work.repeats) for clients in work.loads}
-    del hf
-    engine = build_engine(graphdef, state, tokenizer, scheduler=make_scheduler_for("fcfs"), options=options)
-    app = create_app(AsyncEngine(engine), tokenizer, model_name=SERVED_NAME, max_context=engine.max_context,
-                     vocab_size=engine.vocab_size)
-    server = ServerThread(app).start()
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=3600)
+    sides = [Served(config, dtype, options) for dtype in dtypes]
     rng = np.random.default_rng(0)
     rows, prefix = [], {}
     try:
         for clients in work.loads:
             n = max(work.min_requests, 2 * clients)
 
-            def load(clients=clients, n=n):
-                prompts = random_prompts(rng, n, work.prompt_tokens, vocab)
-                return closed_loop(client, prompts, work.output_tokens, clients)
+            def load(side, clients=clients, n=n):
+                prompts = random_prompts(rng, n, work.prompt_tokens, side.vocab)
+                return closed_loop(side.client, prompts, work.output_tokens, clients)
 
-            warm_up(load)
-            served = measured(load)
-            baseline = baselines[clients]
-            rows.append((clients, n, served, baseline))
-            print(f"[load {clients}] {served['tok_s']:.1f} tok/s served, transformers {baseline:.1f} tok/s",
-                  flush=True)
+            baselines = {}
+            for side in sides:
+                warm_up(lambda side=side: load(side))
+                baselines[side.dtype] = transformers_pass(side.hf, side.device, clients, work.prompt_tokens,
+                                                          work.output_tokens)
+                baselines[side.dtype]()  # transformers' warm-up
+            passes = {side.dtype: ([], []) for side in sides}
+            for _ in range(repeats):  # alternating, so that load from other processes hits every side alike
+                for side in sides:
+                    passes[side.dtype][1].append(baselines[side.dtype]())
+                    passes[side.dtype][0].append(timed(lambda side=side: load(side)))
+            for side in sides:
+                served, hf_tok_s = pooled(passes[side.dtype][0]), statistics.median(passes[side.dtype][1])
+                rows.append((side.dtype, clients, n, served, hf_tok_s))
+                print(f"[{side.dtype} load {clients}] {served['tok_s']:.1f} tok/s served, transformers "
+                      f"{hf_tok_s:.1f} tok/s", flush=True)
+
+        # Prefix sharing on the first dtype's server.
+        side = sides[0]
 
         def system_prompt_load(kind: str):
-            shared = random_prompts(rng, 1, work.system_tokens, vocab)[0]
-            prompts = [(shared if kind == "shared" else random_prompts(rng, 1, work.system_tokens, vocab)[0])
-                       + random_prompts(rng, 1, work.question_tokens, vocab)[0] for _ in range(work.prefix_requests)]
-            return closed_loop(client, prompts, work.output_tokens, work.prefix_clients)
+            shared = random_prompts(rng, 1, work.system_tokens, side.vocab)[0]
+            prompts = [(shared if kind == "shared" else random_prompts(rng, 1, work.system_tokens, side.vocab)[0])
+                       + random_prompts(rng, 1, work.question_tokens, side.vocab)[0]
+                       for _ in range(work.prefix_requests)]
+            return closed_loop(side.client, prompts, work.output_tokens, work.prefix_clients)
 
         warm_up(lambda: [system_prompt_load(kind) for kind in ("unique", "shared")])
         for kind in ("unique", "shared"):
             prefix[kind] = measured(lambda kind=kind: system_prompt_load(kind))
-        metrics = engine.metrics()
+        metrics = {s.dtype: s.engine.metrics() for s in sides}
     finally:
-        server.stop()
+        for s in sides:
+            s.server.stop()
 
-    print(f"\n{description} on {device} ({os.cpu_count()} CPU cores), jax {jax.__version__} "
-          f"{jax.devices()[0].platform}, torch {torch.__version__}; prompts {work.prompt_tokens} tokens, "
-          f"{work.output_tokens} out, greedy, streamed through the OpenAI server")
-    print(f"{'clients':>8}{'requests':>9}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}{'TPOT p50':>10}"
-          f"{'TPOT p90':>10}{'compiles':>9}{'HF tok/s':>10}{'vs HF':>8}")
-    for clients, n, s, baseline in rows:
-        print(f"{clients:>8}{n:>9}{s['tok_s']:>9.1f}{pct(s['ttft'], 50):>8.0f}ms{pct(s['ttft'], 90):>8.0f}ms"
-              f"{pct(s['tpot'], 50):>8.1f}ms{pct(s['tpot'], 90):>8.1f}ms{s['compiles']:>9}{baseline:>10.1f}"
-              f"{s['tok_s'] / baseline:>7.2f}x")
+    print(f"\n{sides[0].description.rsplit(' ', 1)[0]} on {sides[0].device} ({os.cpu_count()} CPU cores), jax "
+          f"{jax.__version__} {jax.devices()[0].platform}, torch {torch.__version__}; prompts {work.prompt_tokens} "
+          f"tokens, {work.output_tokens} out, greedy, streamed through the OpenAI server; tok/s medians of "
+          f"{repeats} alternating passes, transformers in the server's dtype")
+    for dtype in dtypes:
+        print(f"\n{dtype} (jvila {dtype}, transformers {dtype})")
+        print(f"{'clients':>8}{'requests':>9}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}{'TPOT p50':>10}"
+              f"{'TPOT p90':>10}{'compiles':>9}{'HF tok/s':>10}{'vs HF':>8}")
+        for row_dtype, clients, n, s, baseline in rows:
+            if row_dtype != dtype:
+                continue
+            print(f"{clients:>8}{n:>9}{s['tok_s']:>9.1f}{pct(s['ttft'], 50):>8.0f}ms{pct(s['ttft'], 90):>8.0f}ms"
+                  f"{pct(s['tpot'], 50):>8.1f}ms{pct(s['tpot'], 90):>8.1f}ms{s['compiles']:>9}{baseline:>10.1f}"
+                  f"{s['tok_s'] / baseline:>7.2f}x")
+    if len(dtypes) > 1:
+        print(f"\nacross dtypes: served tok/s and transformers tok/s relative to {dtypes[0]} at the same load")
+        for row_dtype, clients, _, s, baseline in rows:
+            first = next(r for r in rows if r[0] == dtypes[0] and r[1] == clients)
+            print(f"  {row_dtype:<9} {clients:>3} clients: served {s['tok_s'] / first[3]['tok_s']:.2f}x, "
+                  f"transformers {baseline / first[4]:.2f}x")
     unique = prefix["unique"]
-    print(f"\nprefix sharing: {work.prefix_requests} requests, {work.prefix_clients} clients, "
+    print(f"\nprefix sharing ({sides[0].dtype}): {work.prefix_requests} requests, {work.prefix_clients} clients, "
           f"{work.system_tokens}-token system prompt + {work.question_tokens}-token question, "
-          f"{work.output_tokens} out (prefix-hit tokens so far: {metrics['prefix_hit_tokens']})")
+          f"{work.output_tokens} out (prefix-hit tokens so far: {metrics[sides[0].dtype]['prefix_hit_tokens']})")
     print(f"{'system prompt':<15}{'wall s':>8}{'tok/s':>9}{'TTFT p50':>10}{'compiles':>9}{'speed-up':>10}")
     for kind in ("unique", "shared"):
         p = prefix[kind]
         print(f"{kind:<15}{p['wall']:>8.2f}{p['tok_s']:>9.1f}{pct(p['ttft'], 50):>8.0f}ms{p['compiles']:>9}"
               f"{unique['wall'] / p['wall']:>9.2f}x")
-    if metrics["pages_free"] != metrics["pages_total"]:
-        print(f"!! {metrics['pages_total'] - metrics['pages_free']} pages still held after the load")
+    leaked = {d: m["pages_total"] - m["pages_free"] for d, m in metrics.items() if m["pages_free"] != m["pages_total"]}
+    if leaked:
+        print(f"!! pages still held after the load: {leaked}")
         return 1
     return 0
 

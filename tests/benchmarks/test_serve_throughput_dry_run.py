@@ -1,5 +1,6 @@
-"""benchmarks/serve_throughput.py end to end on a tiny random model: the server under load, transformers
-alongside, the prefix-sharing run, and the table it prints. Keeps the benchmark runnable at any commit.
+"""benchmarks/serve_throughput.py end to end on a tiny random model: the server under load in float32 and
+bfloat16, transformers alongside in the same dtype, the prefix-sharing run, and the tables it prints. Keeps
+the benchmark runnable at any commit.
 """
 
 import os
@@ -18,7 +19,10 @@ def test_serve_throughput_dry_run():
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"^\s+\d+\s+\d+\s+[\d.]+\s", line)]
-    assert [int(r[0]) for r in rows] == [1, 4], proc.stdout  # one row per load level
+    # One table per dtype (float32, then bfloat16 against torch bfloat16), one row per load level.
+    assert [int(r[0]) for r in rows] == [1, 4, 1, 4], proc.stdout
+    assert re.search(r"^float32 \(jvila float32, transformers float32\)$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^bfloat16 \(jvila bfloat16, transformers bfloat16\)$", proc.stdout, re.M), proc.stdout
     for row in rows:
         assert float(row[2]) > 0 and row[-1].endswith("x") and float(row[-1][:-1]) > 0
     prefix = [line.split() for line in proc.stdout.splitlines() if line.startswith(("unique", "shared"))]
