@@ -12,7 +12,13 @@ from jvila.models import functional
 from jvila.models.attention import dense_attention
 from jvila.models.kv_cache import contiguous_cache
 from jvila.models.llm import LLM
-from jvila.models.lora import TARGET_MODULES, AdapterError, column_lora, column_stack, stack_adapters
+from jvila.models.lora import (
+    TARGET_MODULES,
+    AdapterError,
+    column_lora,
+    column_stack,
+    stack_adapters,
+)
 
 CFG = LLMConfig(vocab_size=89, hidden_size=40, intermediate_size=72, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=10, qkv_bias=True)
