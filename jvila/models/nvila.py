@@ -189,7 +189,13 @@ def feature_maps(model: NVILA, pixels) -> jax.Array:
 def media_end_embeddings(model: NVILA) -> jax.Array:
     """The LLM's embeddings of the media end token ids ("\\n"), [k, D]; k = 0 when none are configured."""
     ids = jnp.asarray(model.config.media_end_token_ids, jnp.int32).reshape(-1)
-    return model.llm.embed_tokens(ids)
+    # A one-hot product, not a table lookup: under jit, with the table split over its vocab rows (a
+    # tensor-parallel train step), XLA's partitioned scatter-add for this constant-index lookup's
+    # gradient also added it to the first row of another shard. A product's gradient has no scatter.
+    table = model.llm.embed[...]
+    one_hot = jax.nn.one_hot(ids, table.shape[0], dtype=table.dtype)
+    # HIGHEST: exact rows, also where matmuls default to TF32 (GPUs).
+    return jnp.matmul(one_hot, table, precision=jax.lax.Precision.HIGHEST).astype(model.llm.compute_dtype)
 
 
 def tile_tokens(model: NVILA, tiles) -> jax.Array:

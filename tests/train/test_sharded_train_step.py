@@ -5,6 +5,8 @@ Parameters and optimizer state placed by the logical-axis rules (`place_train_st
 is checked against one big batch on one device in test_train_step.py.)
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 from flax import nnx
@@ -12,6 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jvila.config import LLMConfig
 from jvila.models.attention import dense_attention
+from jvila.models.nvila import abstract_nvila, nvila_from_params
 from jvila.models.params import abstract_model, flat_params, model_from_params
 from jvila.train import optimizer as opt
 from jvila.train.step import full_params, init_train_state, make_train_step, place_train_state
@@ -77,3 +80,36 @@ def test_fsdp_x_tensor_on_8_devices_equals_one_device():
     assert q.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec("fsdp", "tensor", None)), 3)
     mu = next(s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")).mu
     assert mu["layers"][0]["attn"]["q_proj"].get_value().sharding == q.sharding
+
+
+
+def test_nvila_step_on_fsdp_x_tensor_equals_one_device():
+    # NVILA looks up the media end token's embedding by a constant id. With the table's 68 vocab rows
+    # split over the tensor axis, XLA's partitioned gradient of that lookup once also landed on row
+    # 34 (another shard's first row): Adam then moved a row with no gradient by the learning rate.
+    from tests.train.test_train_step import NVILA_CFG, nvila_batch, random_params
+
+    cfg = dataclasses.replace(NVILA_CFG, llm=dataclasses.replace(NVILA_CFG.llm, vocab_size=68))
+    graphdef, params = nnx.split(nvila_from_params(cfg, random_params(flat_params(abstract_nvila(cfg)), 7)))
+    mask = opt.trainable_mask(params, "all")
+    optimizer = opt.build_optimizer(opt.OptimizerConfig(learning_rate=1e-2, warmup_ratio=0.0), params, mask, 2)
+    batches = [nvila_batch(8, rows=4), nvila_batch(9, rows=4)]
+
+    def run_nvila(mesh):
+        state = init_train_state(graphdef, jax.tree.map(jax.numpy.copy, params), optimizer, mask)
+        if mesh is not None:
+            state = place_train_state(state, mesh)
+        step = make_train_step(graphdef, optimizer, attention=dense_attention)
+        norms = []
+        for batch in batches:
+            state, metrics = step(state, batch if mesh is None else shard_batch(batch, mesh), jax.random.key(0))
+            norms.append(float(metrics["grad_norm"]))
+        return flat_params(full_params(state)), norms
+
+    want, want_norms = run_nvila(None)
+    got, got_norms = run_nvila(build_mesh(MeshConfig(fsdp=4, tensor=2)))
+    np.testing.assert_allclose(got_norms, want_norms, rtol=2e-5)  # float32 sums in another order
+    # Two Adam steps of lr 1e-2: a wrong gradient moves a weight by ~1e-2; rounding differences,
+    # which Adam's normalisation magnifies where a gradient is near zero (biases), stay far below.
+    for name in want:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want[name]), atol=1e-4, err_msg=name)
