@@ -227,6 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
                         help="default: bfloat16 for qwen2-0.5b-random, float32 and bfloat16 otherwise")
     parser.add_argument("--repeats", type=int, help="timed passes per load level (default: the workload's)")
+    parser.add_argument("--loads", type=int, nargs="+", help="client counts (default: the workload's)")
+    parser.add_argument("--skip-prefix", action="store_true", help="leave out the prefix-sharing run")
     parser.add_argument("--dry-run", action="store_true", help="tiny random model, tiny load: checks the script")
     args = parser.parse_args(argv)
     default = "qwen2-0.5b-random" if jax.default_backend() == "gpu" else "smollm2-135m"
@@ -239,7 +241,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     rows, prefix = [], {}
     try:
-        for clients in work.loads:
+        for clients in args.loads or work.loads:
             n = max(work.min_requests, 2 * clients)
 
             def load(side, clients=clients, n=n):
@@ -263,6 +265,9 @@ def main(argv=None) -> int:
                 print(f"[{side.dtype} load {clients}] {served['tok_s']:.1f} tok/s served, transformers "
                       f"{hf_tok_s:.1f} tok/s", flush=True)
 
+        metrics = {s.dtype: s.engine.metrics() for s in sides}
+        if args.skip_prefix:
+            return report(rows, prefix, metrics, sides, dtypes, work, repeats)
         # Prefix sharing on the first dtype's server.
         side = sides[0]
 
@@ -280,7 +285,10 @@ def main(argv=None) -> int:
     finally:
         for s in sides:
             s.server.stop()
+    return report(rows, prefix, metrics, sides, dtypes, work, repeats)
 
+
+def report(rows, prefix, metrics, sides, dtypes, work, repeats) -> int:
     print(f"\n{sides[0].description.rsplit(' ', 1)[0]} on {sides[0].device} ({os.cpu_count()} CPU cores), jax "
           f"{jax.__version__} {jax.devices()[0].platform}, torch {torch.__version__}; prompts {work.prompt_tokens} "
           f"tokens, {work.output_tokens} out, greedy, streamed through the OpenAI server; tok/s medians of "
@@ -301,6 +309,12 @@ def main(argv=None) -> int:
             first = next(r for r in rows if r[0] == dtypes[0] and r[1] == clients)
             print(f"  {row_dtype:<9} {clients:>3} clients: served {s['tok_s'] / first[3]['tok_s']:.2f}x, "
                   f"transformers {baseline / first[4]:.2f}x")
+    leaked = {d: m["pages_total"] - m["pages_free"] for d, m in metrics.items() if m["pages_free"] != m["pages_total"]}
+    if leaked:
+        print(f"!! pages still held after the load: {leaked}")
+        return 1
+    if not prefix:
+        return 0
     unique = prefix["unique"]
     print(f"\nprefix sharing ({sides[0].dtype}): {work.prefix_requests} requests, {work.prefix_clients} clients, "
           f"{work.system_tokens}-token system prompt + {work.question_tokens}-token question, "
@@ -310,10 +324,6 @@ def main(argv=None) -> int:
         p = prefix[kind]
         print(f"{kind:<15}{p['wall']:>8.2f}{p['tok_s']:>9.1f}{pct(p['ttft'], 50):>8.0f}ms{p['compiles']:>9}"
               f"{unique['wall'] / p['wall']:>9.2f}x")
-    leaked = {d: m["pages_total"] - m["pages_free"] for d, m in metrics.items() if m["pages_free"] != m["pages_total"]}
-    if leaked:
-        print(f"!! pages still held after the load: {leaked}")
-        return 1
     return 0
 
 
