@@ -129,18 +129,10 @@ class RowPacker:
                 out["weights"][row, start:end - 1] = example.loss_mask[1:]
                 out["positions"][row, start:end] = np.arange(n)
                 out["segment_ids"][row, start:end] = segment_id
-                if example.num_images:
-                    if tuple(example.images.shape[1:]) != tuple(self.image_shape):
-                        raise ValueError(f"example {example.record_id!r} has image tiles of shape "
-                                         f"{tuple(example.images.shape[1:])}, the batch takes {self.image_shape}")
-                    out["images"][row, image_slot:image_slot + example.num_images] = example.images
-                    image_slot += example.num_images
-                if example.num_videos:
-                    if tuple(example.videos.shape[1:]) != tuple(self.video_shape):
-                        raise ValueError(f"example {example.record_id!r} has videos of shape "
-                                         f"{tuple(example.videos.shape[1:])}, the batch takes {self.video_shape}")
-                    out["videos"][row, video_slot:video_slot + example.num_videos] = example.videos
-                    video_slot += example.num_videos
+                image_slot = _place(out, "images", row, image_slot, example.images, self.image_shape,
+                                    example.record_id)
+                video_slot = _place(out, "videos", row, video_slot, example.videos, self.video_shape,
+                                    example.record_id)
                 start = end
         if self.s2 is not None:
             out.update(self.s2.batch_tables([
@@ -177,3 +169,15 @@ def pack_examples(examples, rows: int, length: int, *, max_images: int = 0,
     if not packer.empty:
         batches.append(packer.batch())
     return batches, skipped
+
+
+def _place(out: dict, key: str, row: int, slot: int, media, shape, record_id) -> int:
+    """Write an example's `media` (tiles or videos, or None) into out[key][row] from `slot`; the next slot."""
+    if media is None or len(media) == 0:
+        return slot
+    if tuple(media.shape[1:]) != tuple(shape):
+        what = "image tiles" if key == "images" else key
+        raise ValueError(f"example {record_id!r} has {what} of shape {tuple(media.shape[1:])}, the batch takes "
+                         f"{tuple(shape)}")
+    out[key][row, slot:slot + len(media)] = media
+    return slot + len(media)

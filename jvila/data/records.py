@@ -162,24 +162,25 @@ def _openai_turns(record_id, raw: dict) -> tuple[tuple[Turn, ...], list, list]:
             if kind == "text" and isinstance(part.get("text"), str):
                 text += part["text"]
             elif kind in ("image", "image_url"):
-                value = part.get("image", part.get("path")) if kind == "image" else part.get("image_url")
-                value = value.get("url") if isinstance(value, dict) else value
-                if not isinstance(value, str):
-                    raise RecordError(record_id, f"messages[{i}] has an image part without a path")
-                images.append(value)
+                images.append(_media_path(part, "image", record_id, i))
                 text += IMAGE_PLACEHOLDER
             elif kind in ("video", "video_url"):
-                value = part.get("video", part.get("path")) if kind == "video" else part.get("video_url")
-                value = value.get("url") if isinstance(value, dict) else value
-                if not isinstance(value, str):
-                    raise RecordError(record_id, f"messages[{i}] has a video part without a path")
-                videos.append(value)
+                videos.append(_media_path(part, "video", record_id, i))
                 text += VIDEO_PLACEHOLDER
             else:
                 raise RecordError(record_id, f"messages[{i}] has an unsupported content part {part!r:.80}")
         turns.append(Turn(role, text))
     return tuple(turns), images, videos
 
+
+def _media_path(part: dict, media: str, record_id: str, message: int) -> str:
+    """The path of an OpenAI-style {"type": "image"|"image_url"|"video"|"video_url"} content part."""
+    value = part.get(media, part.get("path")) if part["type"] == media else part.get(f"{media}_url")
+    value = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(value, str):
+        article = "an" if media == "image" else "a"
+        raise RecordError(record_id, f"messages[{message}] has {article} {media} part without a path")
+    return value
 
 def _paths(record_id, value, key: str) -> tuple[str, ...]:
     if value is None:

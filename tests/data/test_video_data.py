@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import PIL.Image
 import pytest
+from nvila_fixture import write_random_video
 
 from jvila.config import LLMConfig
 from jvila.data.demo_shapes import demo_tokenizer_files
@@ -18,7 +19,7 @@ from jvila.processing.image import SiglipPreprocessor, load_rgb
 from jvila.processing.media_prompt import MediaSettings, build_media_prompt, single_tile, video_media
 from jvila.processing.tokenizer import Tokenizer
 from jvila.vision_config import NVILAConfig, SiglipConfig
-from nvila_fixture import write_random_video
+from tests.data.test_pipeline import _assert_same_batches, _take
 
 TILE, FRAMES = 24, 8
 # 24 px tiles of 4 px patches: 6x6 maps, 3x3 tokens after the 2x2 projector. Two TSP pools: 8 frames
@@ -144,18 +145,6 @@ def _names(batch, row, tokenizer):
     return names
 
 
-def _take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def _assert_same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
-
-
 def test_videos_pack_beside_images_in_order_and_resume_exactly_in_workers(tmp_path):
     tokenizer, media, cfg = _setup()
     path, sources = _mixed_records(tmp_path, 7, np.random.default_rng())
@@ -190,10 +179,10 @@ def test_videos_pack_beside_images_in_order_and_resume_exactly_in_workers(tmp_pa
     state = json.loads(json.dumps(first.get_state()))
     resumed = _iterator(path, tokenizer, media, cfg, **data)
     resumed.set_state(state)
-    _assert_same(_take(resumed, 4), want[2:])
+    _assert_same_batches(_take(resumed, 4), want[2:])
     workers = _iterator(path, tokenizer, media, cfg, **data, num_workers=1)
     try:
-        _assert_same(_take(workers, 6), want)
+        _assert_same_batches(_take(workers, 6), want)
     finally:
         workers.close()
 
