@@ -240,35 +240,32 @@ def _without_placeholders(text: str, placeholders: tuple[str, ...] = (IMAGE_PLAC
 
 
 def _place_images(record_id, turns: tuple[Turn, ...], num_images: int) -> tuple[Turn, ...]:
-    count = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in turns)
-    if count == num_images:
-        return turns
-    if count == 0:
-        first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
-        if first_user is None:
-            raise RecordError(record_id, "has images but no user turn to put them in")
-        turn = turns[first_user]
-        placed = Turn(turn.role, IMAGE_PLACEHOLDER * num_images + turn.text)
-        return turns[:first_user] + (placed,) + turns[first_user + 1:]
-    raise RecordError(record_id, f"has {count} {IMAGE_PLACEHOLDER} placeholders for {num_images} images")
+    return _place_media(record_id, turns, num_images, IMAGE_PLACEHOLDER, "images")
 
 
 def _place_videos(record_id, turns: tuple[Turn, ...], num_videos: int) -> tuple[Turn, ...]:
-    """Records that name videos without placeholders get one per video in the first user turn, after
-    its leading images (media given beside a chat go there at inference, images before videos)."""
-    count = sum(turn.text.count(VIDEO_PLACEHOLDER) for turn in turns)
-    if count == num_videos:
+    """Videos go after the first user turn's leading images (media given beside a chat go there at
+    inference, images before videos)."""
+    return _place_media(record_id, turns, num_videos, VIDEO_PLACEHOLDER, "videos", after=IMAGE_PLACEHOLDER)
+
+
+def _place_media(record_id, turns: tuple[Turn, ...], num: int, placeholder: str, noun: str,
+                 after: str | None = None) -> tuple[Turn, ...]:
+    """Turns with one `placeholder` per medium: as written when the record has exactly that many;
+    none written: all put at the start of the first user turn (past its leading `after` placeholders)."""
+    count = sum(turn.text.count(placeholder) for turn in turns)
+    if count == num:
         return turns
-    if count == 0:
-        first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
-        if first_user is None:
-            raise RecordError(record_id, "has videos but no user turn to put them in")
-        text, lead = turns[first_user].text, 0
-        while text.startswith(IMAGE_PLACEHOLDER, lead):
-            lead += len(IMAGE_PLACEHOLDER)
-        placed = Turn(turns[first_user].role, text[:lead] + VIDEO_PLACEHOLDER * num_videos + text[lead:])
-        return turns[:first_user] + (placed,) + turns[first_user + 1:]
-    raise RecordError(record_id, f"has {count} {VIDEO_PLACEHOLDER} placeholders for {num_videos} videos")
+    if count:
+        raise RecordError(record_id, f"has {count} {placeholder} placeholders for {num} {noun}")
+    first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+    if first_user is None:
+        raise RecordError(record_id, f"has {noun} but no user turn to put them in")
+    text, lead = turns[first_user].text, 0
+    while after and text.startswith(after, lead):
+        lead += len(after)
+    placed = Turn(turns[first_user].role, text[:lead] + placeholder * num + text[lead:])
+    return turns[:first_user] + (placed,) + turns[first_user + 1:]
 
 
 def _resolve(path: str, root: pathlib.Path | None) -> str:
