@@ -172,7 +172,9 @@ class LoraColumns:
     layers: tuple[dict[str, ModuleLora], ...]
     column_adapters: jax.Array  # [C] int32
     column_scales: jax.Array  # [C] float32
-    num_adapters: int  # static: adapters the columns hold (token indices lie in [-1, num_adapters))
+    # Static: a bound on the adapter indices (tokens' lie in [-1, num_adapters)); column_stack gives the number of
+    # adapters, serving's working set its column count (its step compiles per column bucket, not per adapter count).
+    num_adapters: int
 
     @property
     def num_columns(self) -> int:

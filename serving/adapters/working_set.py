@@ -4,11 +4,13 @@ Rows of a step may each use a different adapter (or none). The step reads its ad
 working set: a device copy of some resident adapters, read out of the KV page pool (where they
 live: unified paging), each at a known index; a token's index is its row's adapter's, -1 for the
 base model. Building a working set copies the adapters out of the pool, so it is kept from step
-to step (`WorkingSet`) and rebuilt only when a step needs an adapter it lacks, or (columns) when it
-holds a column bucket more than the step needs — then with exactly that step's adapters: while the
-same requests decode, step after step reuses it. An adapter
-keeps its pages while resident and is re-read after any new load (`ResidentAdapters.serial_of`),
-so a kept copy never goes stale.
+to step (`WorkingSet`): while the same requests decode, step after step reuses it. A step that
+needs adapters it lacks reads just those into free columns (columns layout: columns no adapter
+holds, or held by adapters the step does not use, which leave the set), so a request joining a
+running batch costs one read of its own adapter, not of the batch's; the set is rebuilt with
+exactly the step's adapters when they do not fit, when it holds a column bucket more than the
+step needs, and always in the slots layout. An adapter keeps its pages while resident and is
+re-read after any new load (`ResidentAdapters.serial_of`), so a kept copy never goes stale.
 
 Two layouts: "columns" (`serving.adapters.columns`, `jvila.models.lora.LoraColumns`), every
 adapter at its own rank side by side, for the CPU, where one pair of matmuls per projection beats
@@ -24,9 +26,10 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from serving.adapters.columns import column_bucket, column_table, gather_columns
+from serving.adapters.columns import column_bucket, column_table, gather_columns, place_columns
 from serving.adapters.paged_layout import (
     MODULES,
     PoolGeometry,
@@ -57,7 +60,7 @@ def default_layout() -> str:
 
 
 class WorkingSet:
-    """The device copy of the adapters of recent steps; `step_inputs` rebuilds it only when a step needs more.
+    """The device copy of the adapters of recent steps; `step_inputs` reads from the pools only what a step lacks.
 
     `read_pools()` returns the engine's current (K pools, V pools); `resident` says where each
     resident adapter's pages are and which load of it they hold.
@@ -71,7 +74,10 @@ class WorkingSet:
         self._read_pools = read_pools
         self._index: dict[tuple[str, int], int] = {}  # (name, load serial) → index in the working set
         self._weights = None
-        self.counts = {"working_set_builds": 0}
+        # Columns layout, host side: the working set's modules, each column's adapter index (-1: free) and scale.
+        self._modules: tuple[str, ...] = ()
+        self._owner = self._scales = None
+        self.counts = {"working_set_builds": 0, "working_set_additions": 0, "working_set_relayouts": 0}
 
     def step_inputs(self, row_adapters, row_tokens) -> LoraBatch | None:
         """row_adapters [B] (name or None), row_tokens [B] (tokens each row feeds) → the step's LoraBatch."""
@@ -82,25 +88,40 @@ class WorkingSet:
         if not names:
             return None
         keys = [(name, self.resident.serial_of(name)) for name in names]
-        if self._weights is None or any(key not in self._index for key in keys) or self._oversized(names):
+        if self._weights is None or not self._fit(names, keys):
             self._build(names, keys)
         index = {name: self._index[key] for name, key in zip(names, keys)}
         token_adapters = np.repeat(np.asarray([-1 if a is None else index[a] for a in row_adapters], np.int32),
                                    np.asarray(row_tokens, np.int64))
         return LoraBatch(token_adapters, self._weights, tuple(names))
 
-    def _oversized(self, names) -> bool:
-        """Whether the kept column set is a bucket larger than the step needs (its extra columns cost every
-        token of every step matmul work, a rebuild costs one read of the step's adapters)."""
+    def _fit(self, names, keys) -> bool:
+        """Make the kept set serve the step without reading it whole again; False: build it anew.
+
+        Columns layout: the set is kept at the column bucket of the step's total rank. At that bucket,
+        adapters it lacks are read into free columns in place (`_add`); at another (the batch grew past
+        it, or shrank a bucket below it: extra columns cost every token of every step matmul work) or when
+        they do not fit, the set is laid out again at the step's bucket, its kept adapters copied on the
+        device and only the others read from the pools (`_relayout`). A module the set lacks: built anew.
+        """
+        missing = [(name, key) for name, key in zip(names, keys) if key not in self._index]
         if self.layout != "columns":
+            return not missing
+        adapters = [self.store.get(name) for name in names]
+        if any(m not in self._modules for a in adapters for m in a.modules):
             return False
-        return column_bucket(sum(self.store.get(name).rank for name in names)) < self._weights.num_columns
+        size = column_bucket(sum(a.rank for a in adapters))
+        if size == self._weights.num_columns and (not missing or self._add(missing, keys)):
+            return True
+        self._relayout(names, keys, size)
+        return True
 
     def clear(self) -> None:
         """Drop the device copy (it is rebuilt on the next step that serves an adapter)."""
         self._index, self._weights = {}, None
 
     def _build(self, names, keys) -> None:
+        """A new working set holding exactly the step's adapters."""
         self._weights = None  # the old copy goes before the new one is read
         adapters = [self.store.get(name) for name in names]
         pages = [self.resident.pages_of(name) for name in names]
@@ -110,8 +131,11 @@ class WorkingSet:
             num_columns = column_bucket(sum(a.rank for a in adapters))
             table = column_table(self.geometry, [(a.rank, a.modules, p, a.scale) for a, p in zip(adapters, pages)],
                                  modules, num_columns)
-            self._weights = _gather_columns(k_pages, v_pages, table, modules=modules, num_adapters=len(names),
+            # The index bound is the column count (each adapter holds a column at least), not the number of
+            # adapters held: the step's compilation then depends on the column bucket alone.
+            self._weights = _gather_columns(k_pages, v_pages, table, modules=modules, num_adapters=num_columns,
                                             geometry=self.geometry)
+            self._modules, self._owner, self._scales = modules, table.column_adapters, table.column_scales
         else:
             table, max_rank = slot_table(adapters, pages, self.geometry)
             self._weights = _gather_slots(k_pages, v_pages, table, modules=modules, max_rank=max_rank,
@@ -119,8 +143,110 @@ class WorkingSet:
         self._index = {key: i for i, key in enumerate(keys)}
         self.counts["working_set_builds"] += 1
 
+    def _add(self, missing, keys) -> bool:
+        """Columns layout: read just the `missing` adapters into free columns of the kept set (columns no
+        adapter holds, or held by adapters this step does not use, which then leave the set); False when
+        one finds no contiguous free run."""
+        adapters = [self.store.get(name) for name, _ in missing]
+        owner = self._owner.copy()
+        wanted = {self._index[key] for key in keys if key in self._index}
+        free = (owner < 0) | ~np.isin(owner, list(wanted))
+        starts = []
+        for adapter in adapters:  # first fit, in the step's order
+            start = _first_run(free, adapter.rank)
+            if start is None:
+                return False
+            free[start: start + adapter.rank] = False
+            starts.append(start)
+        # Adapters whose columns are overwritten leave the set whole; their other columns become free.
+        new_columns = np.concatenate([np.arange(s, s + a.rank) for s, a in zip(starts, adapters)])
+        for gone in set(owner[new_columns].tolist()) - {-1}:
+            owner[owner == gone] = -1
+        self._index = {key: i for key, i in self._index.items() if i in set(owner.tolist())}
+        used = set(self._index.values())
+        ids = (i for i in range(len(owner)) if i not in used)
+        scales = self._scales.copy()
+        for (name, key), adapter, start in zip(missing, adapters, starts):
+            i = next(ids)
+            owner[start: start + adapter.rank], scales[start: start + adapter.rank] = i, adapter.scale
+            self._index[key] = i
+        pages = [self.resident.pages_of(name) for name, _ in missing]
+        size = column_bucket(len(new_columns))
+        table = column_table(self.geometry, [(a.rank, a.modules, p, a.scale) for a, p in zip(adapters, pages)],
+                             self._modules, size)
+        positions = np.full((size,), len(owner), np.int32)  # padding: past the set's columns, dropped
+        positions[: len(new_columns)] = new_columns
+        k_pages, v_pages = self._read_pools()
+        old, self._weights = self._weights, None
+        layers = _place_columns(old.layers, k_pages, v_pages, table, positions, modules=self._modules,
+                                geometry=self.geometry)
+        self._weights = dataclasses.replace(old, layers=layers, column_adapters=jnp.asarray(owner),
+                                            column_scales=jnp.asarray(scales))
+        self._owner, self._scales = owner, scales
+        self.counts["working_set_additions"] += 1
+        return True
+
+    def _relayout(self, names, keys, size: int) -> None:
+        """Columns layout: a set of `size` columns holding exactly the step's adapters side by side, those the
+        kept set holds copied from it on the device, the others read from the pools."""
+        adapters = [self.store.get(name) for name in names]
+        starts = np.cumsum([0] + [a.rank for a in adapters[:-1]])
+        kept = self._weights.num_columns
+        source = np.full((size,), kept, np.int32)  # each new column's column in the kept set (past its end: none)
+        owner, scales = np.full((size,), -1, np.int32), np.zeros((size,), np.float32)
+        fresh = []
+        for i, (key, adapter, start) in enumerate(zip(keys, adapters, starts)):
+            columns = slice(start, start + adapter.rank)
+            owner[columns], scales[columns] = i, adapter.scale
+            if key in self._index:
+                source[columns] = np.flatnonzero(self._owner == self._index[key])
+            else:
+                fresh.append((key[0], adapter, start))
+        table = positions = None
+        if fresh:
+            specs = [(a.rank, a.modules, self.resident.pages_of(name), a.scale) for name, a, _ in fresh]
+            table = column_table(self.geometry, specs, self._modules, column_bucket(sum(a.rank for _, a, _ in fresh)))
+            positions = np.full((table.column_adapters.shape[0],), size, np.int32)
+            positions[: sum(a.rank for _, a, _ in fresh)] = np.concatenate(
+                [np.arange(start, start + a.rank) for _, a, start in fresh])
+        k_pages, v_pages = self._read_pools()
+        old, self._weights = self._weights, None
+        layers = _relayout_columns(old.layers, source, k_pages, v_pages, table, positions, modules=self._modules,
+                                   geometry=self.geometry)
+        self._weights = dataclasses.replace(old, layers=layers, column_adapters=jnp.asarray(owner),
+                                            column_scales=jnp.asarray(scales), num_adapters=size)
+        self._owner, self._scales = owner, scales
+        self._index = {key: i for i, key in enumerate(keys)}
+        self.counts["working_set_relayouts"] += 1
+
+
+def _first_run(free: np.ndarray, length: int) -> int | None:
+    """Start of the first run of `length` True values in `free`, or None."""
+    run = 0
+    for i, ok in enumerate(free.tolist()):
+        run = run + 1 if ok else 0
+        if run == length:
+            return i - length + 1
+    return None
+
 
 _gather_columns = jax.jit(gather_columns, static_argnames=("modules", "num_adapters", "geometry"))
+# The kept columns are donated: an addition writes into them in place.
+_place_columns = jax.jit(place_columns, static_argnames=("modules", "geometry"), donate_argnames=("layers",))
+
+
+@functools.partial(jax.jit, static_argnames=("modules", "geometry"))
+def _relayout_columns(layers, source, k_pages, v_pages, table, positions, *, modules, geometry):
+    """Traced: new columns [len(source)] copied from `layers`' columns `source` (out of range: zeros), then the table's
+    adapters read from the pools into `positions` (none when table is None)."""
+    from jvila.models.lora import ModuleLora
+
+    copied = tuple({m: ModuleLora(jnp.take(pair.a, source, axis=1, mode="fill", fill_value=0),
+                                  jnp.take(pair.b, source, axis=0, mode="fill", fill_value=0))
+                    for m, pair in layer.items()} for layer in layers)
+    if table is None:
+        return copied
+    return place_columns(copied, k_pages, v_pages, table, positions, modules=modules, geometry=geometry)
 
 
 # ---- the slots layout ------------------------------------------------------------------------------

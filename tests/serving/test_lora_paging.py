@@ -99,7 +99,8 @@ def test_columns_layout_puts_each_adapter_at_its_own_rank_side_by_side():
                                                                                [2, 1, 1, 3])
     np.testing.assert_array_equal(batch.token_adapters, [0, 0, 1, -1, 2, 2, 2])
     lora = batch.weights
-    assert lora.num_adapters == 3 and lora.num_columns == 24  # ranks 13 + 3 + 8 = 24: no column of padding
+    assert lora.num_columns == 24  # ranks 13 + 3 + 8 = 24: no column of padding
+    assert lora.num_adapters == 24  # the index bound is the column count: one compilation per column bucket
     owner = np.repeat([0, 1, 2], [13, 3, 8])
     np.testing.assert_array_equal(np.asarray(lora.column_adapters), owner)
     np.testing.assert_allclose(np.asarray(lora.column_scales), [store.get(batch.names[i]).scale for i in owner])
@@ -137,10 +138,15 @@ def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload(
     assert again.weights is first.weights and ws.counts["working_set_builds"] == 1
     np.testing.assert_array_equal(again.token_adapters, [1, -1, 0])
     assert ws.step_inputs(["r13"], [2]).weights is first.weights
-    # A column bucket fewer (rank 3 alone: 8 columns), or one it lacks: rebuilt with exactly the step's adapters.
-    assert ws.step_inputs(["r3"], [2]).weights.num_columns == 8 and ws.counts["working_set_builds"] == 2
+    # A column bucket fewer (rank 3 alone: 8 columns): laid out again, r3 copied from the kept set, not re-read.
+    alone = ws.step_inputs(["r3"], [2])
+    assert alone.weights.num_columns == 8
+    assert ws.counts == {"working_set_builds": 1, "working_set_additions": 0, "working_set_relayouts": 1}
+    columns_of(alone.weights, {"r3": 0}, store, ["r3"])
+    # A bucket more (r13 back: 16 columns): laid out again, only r13 read from the pool.
     third = ws.step_inputs(["r13", "r3"], [1, 1])
-    assert ws.counts["working_set_builds"] == 3 and third.weights.num_adapters == 2
+    assert ws.counts["working_set_relayouts"] == 2 and ws.counts["working_set_builds"] == 1
+    columns_of(third.weights, {"r13": 0, "r3": 1}, store, ["r13", "r3"])
     # r13 evicted, other values written into its pages, and r13 loaded again: its new pages are re-read.
     resident.drop("r13")
     pages = allocator.allocate_raw("other", 8)
@@ -149,9 +155,69 @@ def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload(
     allocator.free("other")
     assert resident.ensure("r13", store.get("r13"))
     fourth = ws.step_inputs(["r13", "r3"], [1, 1])
-    assert ws.counts["working_set_builds"] == 4
-    a = np.asarray(fourth.weights.layers[1]["o_proj"].a)
-    np.testing.assert_array_equal(a[:, :13], store.get("r13").layers[1]["o_proj"][0])
+    # The new load is read into the columns its old load held (the kept set stays, r3 included).
+    assert ws.counts == {"working_set_builds": 1, "working_set_additions": 1, "working_set_relayouts": 2}
+    columns_of(fourth.weights, dict(zip(["r13", "r3"], map(int, fourth.token_adapters))), store, ["r13", "r3"])
+    # A module the set lacks (r8 targets the MLP; the set holds r13's and r3's modules only): built anew.
+    ws.step_inputs(["r3"], [1])
+    assert ws.step_inputs(["r8", "r3"], [1, 1]).weights.layers[0].keys() == set(MODULES)
+    assert ws.counts["working_set_builds"] == 2
+
+
+def columns_of(weights, name_index, store, names):
+    """Each adapter's (a, b) per layer and module as the columns hold them, checked against the store."""
+    owner = np.asarray(weights.column_adapters)
+    scales = np.asarray(weights.column_scales)
+    for name in names:
+        adapter, cols = store.get(name), np.flatnonzero(owner == name_index[name])
+        assert len(cols) == adapter.rank and np.all(np.diff(cols) == 1)  # its own rank, side by side
+        np.testing.assert_allclose(scales[cols], adapter.scale)
+        for layer in range(CFG.num_layers):
+            for m, pair in weights.layers[layer].items():
+                a, b = np.asarray(pair.a)[:, cols], np.asarray(pair.b)[cols]
+                if m in adapter.modules:  # exact: copied out of the garbage-filled pool
+                    np.testing.assert_array_equal(a, adapter.layers[layer][m][0])
+                    np.testing.assert_array_equal(b, adapter.layers[layer][m][1])
+                else:
+                    assert not np.any(a) and not np.any(b)
+
+
+def test_adapters_joining_a_kept_set_are_read_into_its_free_columns_alone():
+    rng = np.random.default_rng(3)
+    store = AdapterStore(CFG, max_rank=64)
+    modules = {"d2": ("q_proj", "up_proj"), "g3": ("q_proj",)}  # the others target every module
+    names = ["a9", "b4", "c5", "d2", "e6", "f20", "g3", "p21"]
+    for name in names:
+        store.add(name, random_adapter(rng, int(name[1:]), modules.get(name, MODULES)))
+    _allocator, pool, resident, geometry = make_resident(256)
+    for name in names:
+        assert resident.ensure(name, store.get(name))
+    ws = working_set(store, resident, geometry, pool, "columns")
+    first = ws.step_inputs(["a9", "b4", "c5"], [1, 1, 1])  # 18 columns of 24
+    assert first.weights.num_columns == 24 and ws.counts["working_set_builds"] == 1
+    # b4 has left and d2, e6 join: d2 into b4's columns (first fit; zeros where b4 had values in the modules
+    # d2 lacks), e6 into the padding; b4 leaves the set whole.
+    second = ws.step_inputs(["c5", "d2", "a9", "e6"], [1, 2, 1, 1])
+    assert ws.counts == {"working_set_builds": 1, "working_set_additions": 1, "working_set_relayouts": 0}
+    index = {name: int(second.token_adapters[pos]) for name, pos in [("c5", 0), ("d2", 1), ("a9", 3), ("e6", 4)]}
+    columns_of(second.weights, index, store, ["a9", "c5", "d2", "e6"])
+    owner = np.asarray(second.weights.column_adapters)
+    assert list(np.flatnonzero(owner == index["d2"])) == [9, 10] and owner[11] == owner[12] == -1
+    assert list(np.flatnonzero(owner == index["e6"])) == list(range(18, 24))
+    # f20 takes the set past its bucket (29 columns: 32): laid out again, a9 copied and f20 read.
+    third = ws.step_inputs(["f20", "a9"], [1, 1])
+    assert ws.counts == {"working_set_builds": 1, "working_set_additions": 1, "working_set_relayouts": 1}
+    assert third.weights.num_columns == 32
+    columns_of(third.weights, {"f20": int(third.token_adapters[0]), "a9": int(third.token_adapters[1])}, store,
+               ["f20", "a9"])
+    fourth = ws.step_inputs(["g3", "f20", "a9"], [1, 1, 1])  # into the last three columns
+    assert ws.counts == {"working_set_builds": 1, "working_set_additions": 2, "working_set_relayouts": 1}
+    columns_of(fourth.weights, dict(zip(["g3", "f20", "a9"], map(int, fourth.token_adapters))), store,
+               ["g3", "f20", "a9"])
+    # p21 beside a9 (30 columns: the same bucket), but a9 sits at 20..28 and splits the free columns: laid out again.
+    fifth = ws.step_inputs(["a9", "p21"], [1, 1])
+    assert ws.counts == {"working_set_builds": 1, "working_set_additions": 2, "working_set_relayouts": 2}
+    columns_of(fifth.weights, {"a9": 0, "p21": 1}, store, ["a9", "p21"])
 
 
 def test_pages_follow_rank_not_the_largest_rank():
