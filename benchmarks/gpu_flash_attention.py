@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 from device_guard import require_backend  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import dry_run_samples, median_ms  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -267,7 +267,7 @@ def torch_child(shapes_json, dry_run, budget_s):
 
         for mode, call in (("fwd", forward), ("fwd+bwd", forward_backward)):
             try:
-                ms = median_ms(call, lambda _: sync(), budget_s)
+                ms = median_ms(call, lambda _: sync(), budget_s, **dry_run_samples(dry_run))
                 results.append({"shape": shape, "mode": mode, "ms": ms})
             except Exception as exc:  # noqa: BLE001
                 results.append({"shape": shape, "mode": mode, "error": describe(exc)})
@@ -326,7 +326,7 @@ def time_jax_variant(results, name, builder, shape, inputs, dry_run, cell_budget
         return
     for mode, call in zip(MODES, calls):
         try:
-            ms = median_ms(call, jax.block_until_ready, cell_budget)
+            ms = median_ms(call, jax.block_until_ready, cell_budget, **dry_run_samples(dry_run))
             results[(name, shape, mode)] = ms
             print(f"[time] {name:<28} {shape_name(shape):<22} {mode:<8} {ms:9.3f} ms", flush=True)
         except Exception as exc:  # noqa: BLE001

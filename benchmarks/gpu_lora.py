@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 from device_guard import require_backend  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import dry_run_samples, median_ms  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -182,7 +182,7 @@ def main():
             results[(variant, shape)] = "skipped: time budget"
             continue
         try:
-            ms = median_ms(factory(), jax.block_until_ready, cell_budget)
+            ms = median_ms(factory(), jax.block_until_ready, cell_budget, **dry_run_samples(dry_run))
             results[(variant, shape)] = ms
             print(f"[time] {variant:<32} {shape:<28} {ms:9.3f} ms", flush=True)
         except Exception as exc:  # noqa: BLE001 - fail soft, report, go on

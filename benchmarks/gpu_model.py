@@ -94,7 +94,9 @@ def main():
     ok = True
     # float32: only summation order differs (online softmax, TF32 is not used by XLA's default here).
     # bfloat16: 30 layers of bf16 rounding in two different attention orders.
-    for dtype, tol in ((jnp.float32, 2e-2 if not args.dry_run else 1e-4), (jnp.bfloat16, 1e-1)):
+    # The dry run checks float32 alone (the interpreter's bfloat16 check repeats the same code at another dtype).
+    checks = ((jnp.float32, 1e-4),) if args.dry_run else ((jnp.float32, 2e-2), (jnp.bfloat16, 1e-1))
+    for dtype, tol in checks:
         try:
             ok &= check(cfg, kernels, dtype, tol, seq=48 if args.dry_run else 1000)
         except Exception as exc:  # noqa: BLE001 - fail soft, report, go on

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 from device_guard import require_backend  # noqa: E402
-from timing import median_ms  # noqa: E402
+from timing import dry_run_samples, median_ms  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -242,7 +242,7 @@ def main():
             if shape not in built:
                 built.clear()  # keep one shape's buffers on the device at a time
                 built[shape] = build(shape)
-            ms = median_ms(builder(*built[shape]), jax.block_until_ready, cell_budget)
+            ms = median_ms(builder(*built[shape]), jax.block_until_ready, cell_budget, **dry_run_samples(dry_run))
             results[(name, shape)] = ms
             print(f"[time] {name:<32} {shape:<44} {ms:9.3f} ms", flush=True)
         except Exception as exc:  # noqa: BLE001 - fail soft, report, go on

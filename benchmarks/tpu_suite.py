@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
-from timing import median_ms
+from timing import dry_run_samples, median_ms
 from tpu_suite_cells import DRY, TPU, all_cells
 from tpu_suite_checks import run_checks
 
@@ -67,7 +67,7 @@ def time_cells(tables, dry_run, started):
     cells = sorted((cell for _, table_cells in tables for cell in table_cells),
                    key=lambda cell: cell.priority)  # stable: tables and shapes keep their order
     budget = DRY_TIME_BUDGET_S if dry_run else TIME_BUDGET_S
-    samples = dict(max_samples=2, min_samples=1) if dry_run else {}
+    samples = dry_run_samples(dry_run)
     cell_budget = 0.0 if dry_run else 0.2
     results = {}
     for cell in cells:

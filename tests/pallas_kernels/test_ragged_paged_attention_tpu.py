@@ -93,7 +93,8 @@ def test_matches_reference_bf16():
 def test_one_token_blocks_one_page_blocks():
     # block_q 1: every query row is its own program (tile = the group's heads); pages_per_block
     # 1: the K/V double buffer flips on every page.
-    args = _inputs(_rng(), MIX[:3] + MIX[5:], 8, 6, 2, 4, jnp.float32)
+    # A prefill chunk over several pages, a lone decode token, and chunks continuing a cache.
+    args = _inputs(_rng(), MIX[1:3] + MIX[5:7], 8, 6, 2, 4, jnp.float32)
     _check(args, FP32_TOL, block_q=1, pages_per_block=1)
 
 
