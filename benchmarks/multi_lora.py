@@ -17,8 +17,9 @@ passes its arrival, the clock counting engine steps; the rate keeps every system
   merged   one adapter merged into the weights and every request served by it (the upper bound:
            no adapter cost at all).
 Throughput = output tokens / wall seconds of the replay (merges and unmerges included). Each system
-first serves the trace untimed (every step shape compiles), then `--repeats` times timed (median). The last table gives each system's throughput
-as a ratio to `merged` at every adapter count.
+first serves the trace untimed (every step shape compiles), then `--repeats` times timed (median), the
+systems' timed passes alternating. The last table gives each system's throughput as a ratio to
+`merged` at every adapter count.
 
     python benchmarks/multi_lora.py                 # CPU: tiny model, 1/10/100/1000 adapters
     python benchmarks/multi_lora.py --model smollm2-135m --adapters 1000
@@ -158,33 +159,53 @@ def replay_merge_per_batch(engine, graphdef, base_state, adapters, requests, arr
     return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
-def run_system(system, split, adapters, trace, args):
+def system_pass(system, split, adapters, trace, args):
+    """A function that serves the trace once on a fresh engine: ((output tokens, wall s, CPU s), engine metrics)."""
     graphdef, state = split
     kwargs = {"num_pages": args.num_pages, "page_size": args.page_size, "max_running": args.max_running,
               "token_budget": args.token_budget, "min_step_rows": args.min_step_rows}
     config = nnx.merge(graphdef, state).config
     arrivals = arrival_steps(trace, args.steps_per_second)
-    # The first pass compiles every shape the trace needs; the timed ones follow (median seconds).
-    runs = []
     store = None
     if system == "slora":  # the host store is built once: the engine never changes it
         store = AdapterStore(config, max_rank=max(args.ranks))
         for i, adapter in enumerate(adapters):
             store.add(f"a{i}", stored_adapter(adapter, config.num_layers))
-    for _ in range(1 + args.repeats):
+    merged_state = merge(graphdef, state, adapters[0]) if system == "merged" else None
+
+    def run():
         requests = make_requests(trace, config.vocab_size, with_adapters=system != "merged")
         if system == "slora":
             engine = Engine(graphdef, state, adapters=store, **kwargs)
             result = replay(engine, requests, arrivals)
         elif system == "merged":
-            engine = Engine(graphdef, merge(graphdef, state, adapters[0]), **kwargs)
+            engine = Engine(graphdef, merged_state, **kwargs)
             result = replay(engine, requests, arrivals)
         else:
             engine = Engine(graphdef, state, **kwargs)
             result = replay_merge_per_batch(engine, graphdef, state, adapters, requests, arrivals, args.max_running)
-        runs.append(result)
-    timed = runs[1:] or runs
-    return (timed[0][0], *(float(np.median([run[i] for run in timed])) for i in (1, 2))), engine.metrics()
+        return result, engine.metrics()
+
+    return run
+
+
+def run_systems(systems, split, adapters, trace, args):
+    """Each system's (tokens, median wall s, median CPU s) and last metrics. Every system first serves the trace
+    untimed (every step shape compiles); the timed passes then alternate between the systems, so that a change
+    in the machine's speed (other work on a shared machine) hits them alike."""
+    runs = {system: system_pass(system, split, adapters, trace, args) for system in systems}
+    timed = {system: [] for system in systems}
+    metrics = {}
+    for system in systems:
+        result, metrics[system] = runs[system]()
+        if not args.repeats:
+            timed[system].append(result)
+    for _ in range(args.repeats):
+        for system in systems:
+            result, metrics[system] = runs[system]()
+            timed[system].append(result)
+    return {system: ((timed[system][0][0], *(float(np.median([r[i] for r in timed[system]])) for i in (1, 2))),
+                     metrics[system]) for system in systems}
 
 
 def main(argv=None) -> int:
@@ -242,8 +263,8 @@ def main(argv=None) -> int:
     for n in args.adapters:
         trace = synthetic_trace(n, alpha=args.alpha, req_rate=args.req_rate, cv=args.cv,
                                 num_requests=args.num_requests, input_range=(lo, hi), output_range=(lo, hi))
-        for system in args.systems:
-            (tokens, seconds, cpu), metrics = run_system(system, split, all_adapters[:n], trace, args)
+        for system, ((tokens, seconds, cpu), metrics) in run_systems(args.systems, split, all_adapters[:n], trace,
+                                                                      args).items():
             table[n, system] = (tokens / seconds, tokens / cpu)
             print(f"{n:>8} {system:>7} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>8.1f} {tokens / cpu:>9.1f} "
                   f"{metrics.get('adapter_loads', '-'):>6} {metrics.get('adapter_evictions', '-'):>9}", flush=True)
