@@ -141,3 +141,17 @@ def place_columns(layers, k_pages, v_pages, table: ColumnTable, positions, *, mo
     return tuple({m: ModuleLora(layer[m].a.at[:, positions].set(fresh[m].a, mode="drop"),
                                 layer[m].b.at[positions].set(fresh[m].b, mode="drop")) for m in layer}
                  for layer, fresh in zip(layers, new))
+
+
+def relayout_columns(layers, source, k_pages, v_pages, table, positions, *, modules, geometry: PoolGeometry):
+    """Traced: new columns [len(source)] copied from `layers`' columns `source` (out of range: zeros), then the
+    table's adapters read from the pools into `positions` (none when table is None). A working set changing
+    size keeps what it holds without reading it from the pools again."""
+    from jvila.models.lora import ModuleLora
+
+    copied = tuple({m: ModuleLora(jnp.take(pair.a, source, axis=1, mode="fill", fill_value=0),
+                                  jnp.take(pair.b, source, axis=0, mode="fill", fill_value=0))
+                    for m, pair in layer.items()} for layer in layers)
+    if table is None:
+        return copied
+    return place_columns(copied, k_pages, v_pages, table, positions, modules=modules, geometry=geometry)

@@ -4,13 +4,15 @@ Rows of a step may each use a different adapter (or none). The step reads its ad
 working set: a device copy of some resident adapters, read out of the KV page pool (where they
 live: unified paging), each at a known index; a token's index is its row's adapter's, -1 for the
 base model. Building a working set copies the adapters out of the pool, so it is kept from step
-to step (`WorkingSet`): while the same requests decode, step after step reuses it. A step that
-needs adapters it lacks reads just those into free columns (columns layout: columns no adapter
-holds, or held by adapters the step does not use, which leave the set), so a request joining a
-running batch costs one read of its own adapter, not of the batch's; the set is rebuilt with
-exactly the step's adapters when they do not fit, when it holds a column bucket more than the
-step needs, and always in the slots layout. An adapter keeps its pages while resident and is
-re-read after any new load (`ResidentAdapters.serial_of`), so a kept copy never goes stale.
+to step (`WorkingSet`): while the same requests decode, step after step reuses it. In the
+columns layout a step that needs adapters it lacks reads just those, into free columns (columns
+no adapter holds, or held by adapters the step does not use, which leave the set), so a request
+joining a running batch costs one read of its own adapter, not of the batch's; when the step's
+column bucket differs from the set's, or the new adapters find no free run, the set is laid out
+again with exactly the step's adapters, those it held copied on the device. The slots layout is
+read again whole whenever a step needs an adapter it lacks. An adapter keeps its pages while
+resident and is re-read after any new load (`ResidentAdapters.serial_of`), so a kept copy never
+goes stale.
 
 Two layouts: "columns" (`serving.adapters.columns`, `jvila.models.lora.LoraColumns`), every
 adapter at its own rank side by side, for the CPU, where one pair of matmuls per projection beats
@@ -29,7 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from serving.adapters.columns import column_bucket, column_table, gather_columns, place_columns
+from serving.adapters.columns import (
+    column_bucket,
+    column_table,
+    gather_columns,
+    place_columns,
+    relayout_columns,
+)
 from serving.adapters.paged_layout import (
     MODULES,
     PoolGeometry,
@@ -162,7 +170,8 @@ class WorkingSet:
         new_columns = np.concatenate([np.arange(s, s + a.rank) for s, a in zip(starts, adapters)])
         for gone in set(owner[new_columns].tolist()) - {-1}:
             owner[owner == gone] = -1
-        self._index = {key: i for key, i in self._index.items() if i in set(owner.tolist())}
+        held = set(owner.tolist())
+        self._index = {key: i for key, i in self._index.items() if i in held}
         used = set(self._index.values())
         ids = (i for i in range(len(owner)) if i not in used)
         scales = self._scales.copy()
@@ -235,18 +244,7 @@ _gather_columns = jax.jit(gather_columns, static_argnames=("modules", "num_adapt
 _place_columns = jax.jit(place_columns, static_argnames=("modules", "geometry"), donate_argnames=("layers",))
 
 
-@functools.partial(jax.jit, static_argnames=("modules", "geometry"))
-def _relayout_columns(layers, source, k_pages, v_pages, table, positions, *, modules, geometry):
-    """Traced: new columns [len(source)] copied from `layers`' columns `source` (out of range: zeros), then the table's
-    adapters read from the pools into `positions` (none when table is None)."""
-    from jvila.models.lora import ModuleLora
-
-    copied = tuple({m: ModuleLora(jnp.take(pair.a, source, axis=1, mode="fill", fill_value=0),
-                                  jnp.take(pair.b, source, axis=0, mode="fill", fill_value=0))
-                    for m, pair in layer.items()} for layer in layers)
-    if table is None:
-        return copied
-    return place_columns(copied, k_pages, v_pages, table, positions, modules=modules, geometry=geometry)
+_relayout_columns = jax.jit(relayout_columns, static_argnames=("modules", "geometry"))
 
 
 # ---- the slots layout ------------------------------------------------------------------------------
