@@ -179,12 +179,8 @@ class WorkingSet:
             i = next(ids)
             owner[start: start + adapter.rank], scales[start: start + adapter.rank] = i, adapter.scale
             self._index[key] = i
-        pages = [self.resident.pages_of(name) for name, _ in missing]
-        size = column_bucket(len(new_columns))
-        table = column_table(self.geometry, [(a.rank, a.modules, p, a.scale) for a, p in zip(adapters, pages)],
-                             self._modules, size)
-        positions = np.full((size,), len(owner), np.int32)  # padding: past the set's columns, dropped
-        positions[: len(new_columns)] = new_columns
+        table, positions = self._fresh_columns([(name, a, s) for (name, _), a, s in zip(missing, adapters, starts)],
+                                               len(owner))
         k_pages, v_pages = self._read_pools()
         old, self._weights = self._weights, None
         layers = _place_columns(old.layers, k_pages, v_pages, table, positions, modules=self._modules,
@@ -211,13 +207,7 @@ class WorkingSet:
                 source[columns] = np.flatnonzero(self._owner == self._index[key])
             else:
                 fresh.append((key[0], adapter, start))
-        table = positions = None
-        if fresh:
-            specs = [(a.rank, a.modules, self.resident.pages_of(name), a.scale) for name, a, _ in fresh]
-            table = column_table(self.geometry, specs, self._modules, column_bucket(sum(a.rank for _, a, _ in fresh)))
-            positions = np.full((table.column_adapters.shape[0],), size, np.int32)
-            positions[: sum(a.rank for _, a, _ in fresh)] = np.concatenate(
-                [np.arange(start, start + a.rank) for _, a, start in fresh])
+        table, positions = self._fresh_columns(fresh, size) if fresh else (None, None)
         k_pages, v_pages = self._read_pools()
         old, self._weights = self._weights, None
         layers = _relayout_columns(old.layers, source, k_pages, v_pages, table, positions, modules=self._modules,
@@ -227,6 +217,16 @@ class WorkingSet:
         self._owner, self._scales = owner, scales
         self._index = {key: i for i, key in enumerate(keys)}
         self.counts["working_set_relayouts"] += 1
+
+    def _fresh_columns(self, fresh, size: int):
+        """The column table reading `fresh` [(name, adapter, first column)] from the pools, and the set's column
+        each table column goes to (the table's padding: `size`, past the set's columns, dropped)."""
+        specs = [(a.rank, a.modules, self.resident.pages_of(name), a.scale) for name, a, _ in fresh]
+        columns = np.concatenate([np.arange(start, start + a.rank) for _, a, start in fresh])
+        table = column_table(self.geometry, specs, self._modules, column_bucket(len(columns)))
+        positions = np.full((table.column_adapters.shape[0],), size, np.int32)
+        positions[: len(columns)] = columns
+        return table, positions
 
 
 def _first_run(free: np.ndarray, length: int) -> int | None:
