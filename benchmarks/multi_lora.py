@@ -8,9 +8,11 @@ cv = 1 is Poisson); input and output lengths are uniform integers in [8, 512), s
 `--length-scale` to fit this machine. Adapters cycle through S-LoRA's S2 ranks 8, 16, 32, 64 on
 q/k/v/o.
 
-Three systems serve the same trace, replayed in real time (a request is added when the clock
+The systems serve the same trace, replayed in real time (a request is added when the clock
 passes its arrival, the clock counting engine steps; the rate keeps every system backlogged):
   slora    one engine, adapters in the KV page pool, batches mixing adapters (this repository);
+  slora-bf16  the same, the steps reading the adapters in bfloat16 (`Engine(lora_dtype=...)`, vLLM's
+           --lora-dtype) beside the float32 model;
   peft     merge-and-unmerge per batch (PEFT-style): take the adapter of the oldest waiting request,
            merge it into the base weights, serve a batch of that adapter's waiting requests to the
            end, unmerge; requests of other adapters wait;
@@ -67,7 +69,7 @@ DRY_MODEL = LLMConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_l
                       head_dim=8, max_position_embeddings=512)
 RANKS = (8, 16, 32, 64)  # S-LoRA's S2 setting
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-SYSTEMS = ("slora", "peft", "merged")
+SYSTEMS = ("slora", "slora-bf16", "peft", "merged")
 DISTINCT_WEIGHTS = 64
 
 
@@ -167,7 +169,7 @@ def system_pass(system, split, adapters, trace, args):
     config = nnx.merge(graphdef, state).config
     arrivals = arrival_steps(trace, args.steps_per_second)
     store = None
-    if system == "slora":  # the host store is built once: the engine never changes it
+    if system.startswith("slora"):  # the host store is built once: the engine never changes it
         store = AdapterStore(config, max_rank=max(args.ranks))
         for i, adapter in enumerate(adapters):
             store.add(f"a{i}", stored_adapter(adapter, config.num_layers))
@@ -175,8 +177,9 @@ def system_pass(system, split, adapters, trace, args):
 
     def run():
         requests = make_requests(trace, config.vocab_size, with_adapters=system != "merged")
-        if system == "slora":
-            engine = Engine(graphdef, state, adapters=store, **kwargs)
+        if system.startswith("slora"):
+            lora_dtype = jnp.bfloat16 if system == "slora-bf16" else None
+            engine = Engine(graphdef, state, adapters=store, lora_dtype=lora_dtype, **kwargs)
             result = replay(engine, requests, arrivals)
         elif system == "merged":
             engine = Engine(graphdef, merged_state, **kwargs)
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
                 for i in range(min(max(args.adapters), args.distinct_weights))]
     all_adapters = [distinct[i % len(distinct)] for i in range(max(args.adapters))]
     table = {}
-    print(f"{'adapters':>8} {'system':>7} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'loads':>6} "
+    print(f"{'adapters':>8} {'system':>10} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'tok/cpu-s':>9} {'loads':>6} "
           f"{'evictions':>9}")
     for n in args.adapters:
         trace = synthetic_trace(n, alpha=args.alpha, req_rate=args.req_rate, cv=args.cv,
@@ -266,17 +269,17 @@ def main(argv=None) -> int:
         for system, ((tokens, seconds, cpu), metrics) in run_systems(args.systems, split, all_adapters[:n], trace,
                                                                       args).items():
             table[n, system] = (tokens / seconds, tokens / cpu)
-            print(f"{n:>8} {system:>7} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>8.1f} {tokens / cpu:>9.1f} "
+            print(f"{n:>8} {system:>10} {tokens:>7} {seconds:>8.2f} {tokens / seconds:>8.1f} {tokens / cpu:>9.1f} "
                   f"{metrics.get('adapter_loads', '-'):>6} {metrics.get('adapter_evictions', '-'):>9}", flush=True)
     # On a machine shared with other work the CPU-time ratio is the steadier one (time descheduled does not count).
     print("\nthroughput relative to one merged model (the upper bound), by wall time | by CPU time")
-    print(f"{'adapters':>8} " + " ".join(f"{s:>8}" for s in args.systems) + " | "
-          + " ".join(f"{s:>8}" for s in args.systems))
+    print(f"{'adapters':>8} " + " ".join(f"{s:>10}" for s in args.systems) + " | "
+          + " ".join(f"{s:>10}" for s in args.systems))
     for n in args.adapters:
         cells = []
         for i in (0, 1):
             base = table.get((n, "merged"))
-            cells.append(" ".join(f"{table[n, s][i] / base[i]:>7.2f}x" if base else f"{table[n, s][i]:>8.1f}"
+            cells.append(" ".join(f"{table[n, s][i] / base[i]:>9.2f}x" if base else f"{table[n, s][i]:>10.1f}"
                                   for s in args.systems))
         print(f"{n:>8} " + " | ".join(cells))
     return 0

@@ -110,7 +110,8 @@ def _lora_options(args):
         raise ValueError(f"--max-lora-rank must be at least 1, got {args.max_lora_rank}")
     if args.lora_root is not None and not os.path.isdir(args.lora_root):
         raise ValueError(f"--lora-root {args.lora_root!r} is not a directory")
-    return LoraOptions(adapters=tuple(pairs), max_rank=args.max_lora_rank, root=args.lora_root)
+    dtype = None if args.lora_dtype == "auto" else args.lora_dtype
+    return LoraOptions(adapters=tuple(pairs), max_rank=args.max_lora_rank, root=args.lora_root, dtype=dtype)
 
 
 def _arena_options(args):
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted (default: 64)")
     srv.add_argument("--lora-root", default=None, metavar="DIR",
                      help="POST /v1/load_lora_adapter may load adapters from under DIR (off without it)")
+    srv.add_argument("--lora-dtype", choices=("auto", *DTYPES), default="auto",
+                     help="the dtype steps read adapters in (auto: the KV cache's); bfloat16 beside a float32 "
+                          "model halves their memory traffic")
     srv.add_argument("--arena", action="store_true",
                      help="also serve the Chatbot Arena pages at /arena (battles, votes, leaderboard)")
     srv.add_argument("--arena-db", default=None, metavar="URL_OR_PATH",

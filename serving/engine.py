@@ -56,6 +56,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         min_step_rows: int = 1,  # smallest row (and token) bucket of a step; see StepRunner
         adapters=None,  # serving.adapters.store.AdapterStore: LoRA adapters requests may name
+        lora_dtype=None,  # the dtype steps read adapters in (None: the KV pools'); see serving.adapters.working_set
     ):
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"num_pages and page_size must be positive, got {num_pages} and {page_size}")
@@ -91,7 +92,8 @@ class Engine:
         self.adapters = (None if adapters is None else
                          EngineAdapters(adapters, self.allocator, self.runner.write_pages, page_size=page_size,
                                         sequence_pages=-(-max_context // page_size),
-                                        read_pools=lambda: (self.runner.k_pages, self.runner.v_pages)))
+                                        read_pools=lambda: (self.runner.k_pages, self.runner.v_pages),
+                                        dtype=lora_dtype))
         self._clock = clock
         self._seed_rng = np.random.default_rng(seed)
         self._running: list[Sequence] = []  # admission order: the last is the first to be preempted

@@ -43,6 +43,7 @@ class LoraOptions:
     adapters: tuple[tuple[str, str], ...] = ()
     max_rank: int = 64
     root: str | None = None  # POST /v1/load_lora_adapter reads only under it; None = runtime loading off
+    dtype: str | None = None  # the dtype steps read adapters in; None = the KV pools'
 
 
 def build_adapter_store(config, lora: LoraOptions):
@@ -59,12 +60,13 @@ def build_adapter_store(config, lora: LoraOptions):
 
 
 def build_engine(graphdef, state, tokenizer, *, scheduler, options: EngineOptions = EngineOptions(),
-                 attention=None, adapters=None) -> Engine:
+                 attention=None, adapters=None, lora_dtype=None) -> Engine:
     return Engine(graphdef, state, eos_ids=tokenizer.eos_ids, num_pages=options.num_pages,
                   page_size=options.page_size, max_running=options.max_running, token_budget=options.token_budget,
                   max_context=options.max_context, scheduler=scheduler, attention=attention,
                   cache_dtype=options.cache_dtype,
-                  detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), adapters=adapters)
+                  detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), adapters=adapters,
+                  lora_dtype=lora_dtype)
 
 
 def build_app(model_name_or_dir: str, *, served_name: str | None = None, dtype: str = "float32",
@@ -88,7 +90,8 @@ def build_app(model_name_or_dir: str, *, served_name: str | None = None, dtype: 
         adapters = build_adapter_store(nnx.merge(graphdef, state).config, lora)
         log.info("LoRA: %d adapter(s) preloaded, max rank %d, runtime loading %s", len(adapters), lora.max_rank,
                  f"under {lora.root}" if lora.root else "off (no --lora-root)")
-    engine = build_engine(graphdef, state, tokenizer, scheduler=policy, options=options, adapters=adapters)
+    engine = build_engine(graphdef, state, tokenizer, scheduler=policy, options=options, adapters=adapters,
+                          lora_dtype=None if lora is None else lora.dtype)
     log.info("loaded %s in %.1fs: context %d tokens, %d pages of %d, scheduler %s", model_name_or_dir,
              time.perf_counter() - start, engine.max_context, options.num_pages, options.page_size, scheduler)
     # The media seam: NVILA splices images into the prompt as input embeddings; a text-only

@@ -469,16 +469,19 @@ def dense_lora(y, x, lora_a, lora_b, indices, scales):
 
 
 def column_lora(y, x, lora_a, lora_b, indices, column_adapters, column_scales):
-    """`bgmv`'s semantics over adapters laid side by side (`LoraColumns`), fp32 accumulation.
+    """`bgmv`'s semantics over adapters laid side by side (`LoraColumns`): products in the adapters' dtype,
+    accumulated in float32.
 
     y [T, out] + ((x @ A) * w) @ B with w[t, c] = column_scales[c] where column c belongs to token
     t's adapter indices[t], else 0; rows with a negative index unchanged. Work T x C x (in + out)
     for C the working set's total rank: each adapter at its own rank, read once per step.
+    Adapters narrower than x (bfloat16 beside a float32 model) take x and x @ A at their width:
+    casting the adapters up instead would copy them at every step.
     """
-    xa = jnp.einsum("ti,ic->tc", x, lora_a, preferred_element_type=jnp.float32)
+    xa = jnp.einsum("ti,ic->tc", x.astype(lora_a.dtype), lora_a, preferred_element_type=jnp.float32)
     own = (indices[:, None] == column_adapters[None, :]) & (indices[:, None] >= 0)
     weight = jnp.where(own, column_scales[None, :], 0.0)
-    delta = jnp.einsum("tc,co->to", xa * weight, lora_b.astype(jnp.float32), preferred_element_type=jnp.float32)
+    delta = jnp.einsum("tc,co->to", (xa * weight).astype(lora_b.dtype), lora_b, preferred_element_type=jnp.float32)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 

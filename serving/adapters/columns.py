@@ -103,8 +103,9 @@ def _rank_row_units(geometry: PoolGeometry, rank: int, targeted: tuple, pages: t
     return (page * half + stream % half).astype(np.int32), (stream // half) % 2 == 1
 
 
-def gather_column_layers(k_pages, v_pages, table: ColumnTable, *, modules, geometry: PoolGeometry):
-    """Traced: per layer {module: ModuleLora(a [in, C], b [C, out])} of the table's columns, in the pools' dtype."""
+def gather_column_layers(k_pages, v_pages, table: ColumnTable, *, modules, geometry: PoolGeometry, dtype=None):
+    """Traced: per layer {module: ModuleLora(a [in, C], b [C, out])} of the table's columns, in `dtype` (None: the
+    pools')."""
     from jvila.models.lora import ModuleLora  # only engines that serve adapters need the LoRA core
 
     unit = unit_size(geometry)
@@ -116,28 +117,31 @@ def gather_column_layers(k_pages, v_pages, table: ColumnTable, *, modules, geome
             index, from_v, live = table.index[j], table.from_v[j], table.live[j]
             rows = jnp.where(from_v[..., None], v_units[index], k_units[index]).reshape(index.shape[0], -1)
             # Columns of adapters that do not target m, and padding columns, read unit 0: zero them.
-            rows = jnp.where(live[:, None], rows, jnp.zeros((), rows.dtype))
+            rows = jnp.where(live[:, None], rows, jnp.zeros((), rows.dtype)).astype(dtype or rows.dtype)
             in_dim = geometry.dims[m][0]
             entry[m] = ModuleLora(rows[:, :in_dim].T, rows[:, in_dim:])
         layers.append(entry)
     return tuple(layers)
 
 
-def gather_columns(k_pages, v_pages, table: ColumnTable, *, modules, num_adapters: int, geometry: PoolGeometry):
-    """Traced: the working set's `LoraColumns` read from every layer's pools, in the pools' dtype."""
+def gather_columns(k_pages, v_pages, table: ColumnTable, *, modules, num_adapters: int, geometry: PoolGeometry,
+                   dtype=None):
+    """Traced: the working set's `LoraColumns` read from every layer's pools, in `dtype` (None: the pools')."""
     from jvila.models.lora import LoraColumns
 
-    layers = gather_column_layers(k_pages, v_pages, table, modules=modules, geometry=geometry)
+    layers = gather_column_layers(k_pages, v_pages, table, modules=modules, geometry=geometry, dtype=dtype)
     return LoraColumns(layers, jnp.asarray(table.column_adapters), jnp.asarray(table.column_scales), num_adapters)
 
 
 def place_columns(layers, k_pages, v_pages, table: ColumnTable, positions, *, modules, geometry: PoolGeometry):
     """Traced: `layers` (a working set's per-layer columns) with the table's columns read from the pools and
     written at column `positions` [table columns] (positions past the working set's columns are dropped:
-    the table's padding). The rest of the working set is untouched, so adding adapters to it reads only them."""
+    the table's padding), in the working set's dtype. The rest of the working set is untouched, so adding adapters
+    to it reads only them."""
     from jvila.models.lora import ModuleLora
 
-    new = gather_column_layers(k_pages, v_pages, table, modules=modules, geometry=geometry)
+    dtype = next(iter(layers[0].values())).a.dtype
+    new = gather_column_layers(k_pages, v_pages, table, modules=modules, geometry=geometry, dtype=dtype)
     return tuple({m: ModuleLora(layer[m].a.at[:, positions].set(fresh[m].a, mode="drop"),
                                 layer[m].b.at[positions].set(fresh[m].b, mode="drop")) for m in layer}
                  for layer, fresh in zip(layers, new))

@@ -32,18 +32,20 @@ PREFETCH_FREE_SHARE = 0.25
 
 class EngineAdapters:
     def __init__(self, store: AdapterStore, allocator: PageAllocator, write_pages, *, page_size: int,
-                 sequence_pages: int = 0, read_pools=None, layout: str | None = None):
+                 sequence_pages: int = 0, read_pools=None, layout: str | None = None, dtype=None):
         """`sequence_pages`: pages one sequence of the longest context takes; an adapter must leave room for it.
 
         `write_pages(pages, k_data, v_data)` writes adapter pages into the pools; `read_pools()` returns
         the current (K pools, V pools) the steps read adapters from; `layout`: the working set's
-        (`serving.adapters.working_set.LAYOUTS`; None = the platform's).
+        (`serving.adapters.working_set.LAYOUTS`; None = the platform's); `dtype`: the working set's (None = the
+        pools').
         """
         self.store = store
         self.allocator = allocator
         self.geometry = PoolGeometry.of(store.base_config, page_size)
         self.resident = ResidentAdapters(self.geometry, allocator, write_pages)
-        self.working_set = WorkingSet(store, self.resident, self.geometry, read_pools, layout=layout)
+        self.working_set = WorkingSet(store, self.resident, self.geometry, read_pools, layout=layout,
+                                      dtype=dtype)
         self.sequence_pages = sequence_pages
         self._requests: collections.Counter[str] = collections.Counter()  # waiting or running, per adapter
         # Each load of a name gets a fresh number: cached KV pages of an unloaded adapter must never

@@ -42,10 +42,10 @@ def test_multi_lora_dry_run():
     proc = subprocess.run([sys.executable, "benchmarks/multi_lora.py", "--dry-run"], check=False, cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    runs = [line.split() for line in proc.stdout.splitlines() if re.match(r"^\s+2\s+(slora|peft|merged)\s", line)]
-    assert [r[1] for r in runs] == ["slora", "peft", "merged"], proc.stdout
+    runs = [line.split() for line in proc.stdout.splitlines() if re.match(r"^\s+2\s+(slora|slora-bf16|peft|merged)\s", line)]
+    assert [r[1] for r in runs] == ["slora", "slora-bf16", "peft", "merged"], proc.stdout
     assert len({r[2] for r in runs}) == 1 and int(runs[0][2]) > 0  # every system made the same output tokens
-    assert int(runs[0][6]) >= 1  # slora loaded adapters into the pool
+    assert int(runs[0][6]) >= 1 and int(runs[1][6]) >= 1  # slora loaded adapters into the pool
     ratio_row = proc.stdout.split("relative to one merged model")[1].strip().splitlines()[-1].split()
-    wall, cpu = ratio_row[1:4], ratio_row[5:8]  # adapters, 3 systems, "|", 3 systems
+    wall, cpu = ratio_row[1:5], ratio_row[6:10]  # adapters, 4 systems, "|", 4 systems
     assert wall[-1] == cpu[-1] == "1.00x" and all(float(r[:-1]) > 0 for r in wall + cpu)

@@ -29,13 +29,13 @@ MODULE_SETS = (TARGET_MODULES, ("q_proj", "v_proj"), ("o_proj", "down_proj", "k_
 extend_packed = jax.jit(functional.extend_packed, static_argnames=("graphdef", "attention"))
 
 
-def test_each_token_gets_its_own_adapter_at_its_own_rank():
-    rng = np.random.default_rng()
-    d_in, d_out, tokens = 40, 30, 23
+def random_columns(rng, d_in=40, d_out=30, tokens=23):
+    """Adapters of RANKS side by side in 32 columns (3 of padding: owner -1, garbage weights that must not count),
+    tokens each naming one (or -1): (x, y, a, b, indices, owner, column scales, [(A, B)], adapter scales)."""
     pairs = [(rng.standard_normal((d_in, r)).astype(np.float32), rng.standard_normal((r, d_out)).astype(np.float32))
              for r in RANKS]
     scales = rng.uniform(0.2, 2.0, len(RANKS)).astype(np.float32)
-    columns = 32  # 29 columns of adapters, 3 of padding (owner -1, garbage weights that must not count)
+    columns = 32
     a = rng.standard_normal((d_in, columns)).astype(np.float32)
     b = rng.standard_normal((columns, d_out)).astype(np.float32)
     owner = np.full(columns, -1, np.int32)
@@ -50,8 +50,12 @@ def test_each_token_gets_its_own_adapter_at_its_own_rank():
     y = rng.standard_normal((tokens, d_out)).astype(np.float32)
     indices = rng.integers(-1, len(RANKS), tokens).astype(np.int32)
     indices[:2] = [-1, 3]  # the base model and the last adapter at least once
-    got = np.asarray(column_lora(jnp.asarray(y), jnp.asarray(x), jnp.asarray(a), jnp.asarray(b),
-                                 jnp.asarray(indices), jnp.asarray(owner), jnp.asarray(col_scale)))
+    return x, y, a, b, indices, owner, col_scale, pairs, scales
+
+
+def test_each_token_gets_its_own_adapter_at_its_own_rank():
+    x, y, a, b, indices, owner, col_scale, pairs, scales = random_columns(np.random.default_rng())
+    got = np.asarray(column_lora(*map(jnp.asarray, (y, x, a, b, indices, owner, col_scale))))
     want = y.astype(np.float64).copy()
     for t, i in enumerate(indices):
         if i >= 0:
@@ -59,6 +63,30 @@ def test_each_token_gets_its_own_adapter_at_its_own_rank():
     # float32 sums of at most ~40 products of O(1) terms, against float64: rounding only.
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(got[indices < 0], y[indices < 0])  # base rows are untouched, bit for bit
+
+
+def test_bfloat16_columns_beside_float32_tokens():
+    """Adapters held in bfloat16 (serving's `lora_dtype`): x and x @ A rounded to bfloat16, products summed in float32."""
+    x, y, a, b, indices, owner, col_scale, pairs, scales = random_columns(np.random.default_rng())
+    a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+    got = column_lora(jnp.asarray(y), jnp.asarray(x), a16, b16, *map(jnp.asarray, (indices, owner, col_scale)))
+    assert got.dtype == jnp.float32
+    got = np.asarray(got)
+    rounded = lambda v: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64)  # noqa: E731
+    start = np.cumsum([0, *RANKS])
+    want, bound = y.astype(np.float64).copy(), np.zeros_like(y, np.float64)
+    for t, i in enumerate(indices):
+        if i >= 0:
+            cols = slice(start[i], start[i + 1])
+            xa = rounded(x[t]) @ rounded(a[:, cols]) * scales[i]
+            want[t] += xa @ rounded(b[cols])
+            bound[t] = np.abs(xa) @ np.abs(rounded(b[cols]))
+    # The reference takes the same bfloat16 inputs; what it cannot share is the one rounding of x @ A (times its
+    # scale) to bfloat16 before B: at most 2^-8 of each term, so of the sum of their magnitudes.
+    assert np.all(np.abs(got - want) <= bound * 2.0 ** -8 + 1e-4)
+    full = np.asarray(column_lora(*map(jnp.asarray, (y, x, a, b, indices, owner, col_scale))))
+    assert np.abs(got - full).max() > 1e-2  # bfloat16 really ran: O(1) terms rounded at 2^-9 in sums of hundreds
+    np.testing.assert_array_equal(got[indices < 0], y[indices < 0])
 
 
 def test_columns_serve_a_mixed_batch_as_the_stacked_adapters_do():

@@ -50,9 +50,9 @@ def make_resident(num_pages):
     return allocator, pool, ResidentAdapters(geometry, allocator, pool.write), geometry
 
 
-def working_set(store, resident, geometry, pool, layout):
+def working_set(store, resident, geometry, pool, layout, dtype=None):
     return WorkingSet(store, resident, geometry, lambda: (tuple(map(jnp.asarray, pool.k)),
-                                                          tuple(map(jnp.asarray, pool.v))), layout=layout)
+                                                          tuple(map(jnp.asarray, pool.v))), layout=layout, dtype=dtype)
 
 
 def three_resident_adapters():
@@ -164,8 +164,9 @@ def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload(
     assert ws.counts["working_set_builds"] == 2
 
 
-def columns_of(weights, name_index, store, names):
-    """Each adapter's (a, b) per layer and module as the columns hold them, checked against the store."""
+def columns_of(weights, name_index, store, names, dtype=np.float32):
+    """Each adapter's (a, b) per layer and module as the columns hold them, checked against the store (in
+    `dtype`: the store's float32 values rounded to it)."""
     owner = np.asarray(weights.column_adapters)
     scales = np.asarray(weights.column_scales)
     for name in names:
@@ -174,10 +175,11 @@ def columns_of(weights, name_index, store, names):
         np.testing.assert_allclose(scales[cols], adapter.scale)
         for layer in range(CFG.num_layers):
             for m, pair in weights.layers[layer].items():
+                assert pair.a.dtype == pair.b.dtype == dtype
                 a, b = np.asarray(pair.a)[:, cols], np.asarray(pair.b)[cols]
                 if m in adapter.modules:  # exact: copied out of the garbage-filled pool
-                    np.testing.assert_array_equal(a, adapter.layers[layer][m][0])
-                    np.testing.assert_array_equal(b, adapter.layers[layer][m][1])
+                    np.testing.assert_array_equal(a, np.asarray(jnp.asarray(adapter.layers[layer][m][0], dtype)))
+                    np.testing.assert_array_equal(b, np.asarray(jnp.asarray(adapter.layers[layer][m][1], dtype)))
                 else:
                     assert not np.any(a) and not np.any(b)
 
@@ -218,6 +220,31 @@ def test_adapters_joining_a_kept_set_are_read_into_its_free_columns_alone():
     fifth = ws.step_inputs(["a9", "p21"], [1, 1])
     assert ws.counts == {"working_set_builds": 1, "working_set_additions": 2, "working_set_relayouts": 2}
     columns_of(fifth.weights, {"a9": 0, "p21": 1}, store, ["a9", "p21"])
+
+
+@pytest.mark.parametrize("layout", ["columns", "slots"])
+def test_a_bfloat16_working_set_holds_the_pools_values_rounded_through_additions_and_relayouts(layout):
+    store, _allocator, pool, resident, geometry = three_resident_adapters()
+    ws = working_set(store, resident, geometry, pool, layout, dtype=jnp.bfloat16)
+    # Columns: built, added to (r3 over r8's columns), laid out again (24 columns), added to, laid out again (8).
+    steps = [["r8"], ["r3"], ["r8", "r13"], ["r13", "r8", "r3"], ["r3"]]
+    for names in steps:
+        batch = ws.step_inputs(names, [1] * len(names))
+        index = dict(zip(names, map(int, batch.token_adapters)))
+        if layout == "columns":
+            columns_of(batch.weights, index, store, names, dtype=jnp.bfloat16)
+            continue
+        for name in names:
+            adapter = store.get(name)
+            for layer in range(CFG.num_layers):
+                for m in adapter.modules:
+                    pair = batch.weights.layers[layer][m]
+                    assert pair.a.dtype == pair.b.dtype == jnp.bfloat16
+                    a, b = (jnp.asarray(w, jnp.bfloat16) for w in adapter.layers[layer][m])
+                    np.testing.assert_array_equal(pair.a[index[name], :, : adapter.rank], a)
+                    np.testing.assert_array_equal(pair.b[index[name], : adapter.rank], b)
+    if layout == "columns":
+        assert ws.counts == {"working_set_builds": 1, "working_set_additions": 2, "working_set_relayouts": 2}
 
 
 def test_pages_follow_rank_not_the_largest_rank():
