@@ -67,12 +67,15 @@ def test_each_token_gets_its_own_adapter_at_its_own_rank():
 
 def test_bfloat16_columns_beside_float32_tokens():
     """Adapters held in bfloat16 (serving's `lora_dtype`): x and x @ A rounded to bfloat16, products summed in float32."""
-    x, y, a, b, indices, owner, col_scale, pairs, scales = random_columns(np.random.default_rng())
+    x, y, a, b, indices, owner, col_scale, _, scales = random_columns(np.random.default_rng())
     a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
     got = column_lora(jnp.asarray(y), jnp.asarray(x), a16, b16, *map(jnp.asarray, (indices, owner, col_scale)))
     assert got.dtype == jnp.float32
     got = np.asarray(got)
-    rounded = lambda v: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64)  # noqa: E731
+
+    def rounded(v):
+        return np.asarray(jnp.asarray(v, jnp.bfloat16), np.float64)
+
     start = np.cumsum([0, *RANKS])
     want, bound = y.astype(np.float64).copy(), np.zeros_like(y, np.float64)
     for t, i in enumerate(indices):
