@@ -13,9 +13,10 @@ through the batched kernels of `pallas_kernels.lora` (`bgmv` per token, `sgmv` p
 segment). Which tokens use which adapter travels in a `LoraContext` built by the functional core.
 
 `LoraColumns` is a second layout for a step that mixes ranks: the adapters side by side along the
-rank axis, A [in, C] and B [C, out] with C the sum of their own ranks, so no adapter is padded to
-the largest; each token multiplies by all C columns and keeps its own adapter's (`column_lora`).
-Serving on CPU uses it (one pair of matmuls per projection, no gather per token or segment).
+rank axis, C "columns" with C the sum of their own ranks (each column one rank row: A's column and
+B's row, held as Aᵀ [C, in] and B [C, out]), so no adapter is padded to the largest; each token
+multiplies by all C columns and keeps its own adapter's (`column_lora`). Serving on CPU uses it
+(one pair of matmuls per projection, no gather per token or segment).
 """
 
 from __future__ import annotations
@@ -161,9 +162,10 @@ class LoraWeights:
                    meta_fields=["num_adapters"])
 @dataclasses.dataclass(frozen=True)
 class LoraColumns:
-    """Adapters side by side along the rank axis: `layers[i][module]` = ModuleLora(a [in, C], b [C, out]).
+    """Adapters side by side along the rank axis: `layers[i][module]` = ModuleLora(a [C, in], b [C, out]).
 
-    Column c belongs to adapter `column_adapters[c]` (-1: a padding column no token uses) and carries
+    `a` is A transposed: each column (rank row) is a contiguous row of both, as in the page pool, so a
+    working set copies and places columns as rows (far cheaper than strided columns). Column c belongs to adapter `column_adapters[c]` (-1: a padding column no token uses) and carries
     its scale `column_scales[c]`; adapter j's columns are its own rank's, never padded to another's.
     A module an adapter does not target has zeros in its columns; a (layer, module) no adapter
     targets is absent (costs nothing).
@@ -204,11 +206,11 @@ def column_stack(adapters: list[Adapter], base_config: LLMConfig, *, num_columns
         entry = {}
         for module in modules:
             d_in, d_out = module_shape(base_config, module)
-            a, b = np.zeros((d_in, num_columns), np.float32), np.zeros((num_columns, d_out), np.float32)
+            a, b = np.zeros((num_columns, d_in), np.float32), np.zeros((num_columns, d_out), np.float32)
             for i, adapter in enumerate(adapters):
                 pair = adapter.weights.get(layer, {}).get(module)
                 if pair is not None:
-                    a[:, starts[i]: starts[i + 1]] = np.asarray(pair[0], np.float32)
+                    a[starts[i]: starts[i + 1]] = np.asarray(pair[0], np.float32).T
                     b[starts[i]: starts[i + 1]] = np.asarray(pair[1], np.float32)
             entry[module] = ModuleLora(jnp.asarray(a, dtype), jnp.asarray(b, dtype))
         layers.append(entry)
@@ -472,13 +474,13 @@ def column_lora(y, x, lora_a, lora_b, indices, column_adapters, column_scales):
     """`bgmv`'s semantics over adapters laid side by side (`LoraColumns`): products in the adapters' dtype,
     accumulated in float32.
 
-    y [T, out] + ((x @ A) * w) @ B with w[t, c] = column_scales[c] where column c belongs to token
+    lora_a is Aᵀ [C, in], lora_b B [C, out]. y [T, out] + ((x @ A) * w) @ B with w[t, c] = column_scales[c] where column c belongs to token
     t's adapter indices[t], else 0; rows with a negative index unchanged. Work T x C x (in + out)
     for C the working set's total rank: each adapter at its own rank, read once per step.
     Adapters narrower than x (bfloat16 beside a float32 model) take x and x @ A at their width:
     casting the adapters up instead would copy them at every step.
     """
-    xa = jnp.einsum("ti,ic->tc", x.astype(lora_a.dtype), lora_a, preferred_element_type=jnp.float32)
+    xa = jnp.einsum("ti,ci->tc", x.astype(lora_a.dtype), lora_a, preferred_element_type=jnp.float32)
     own = (indices[:, None] == column_adapters[None, :]) & (indices[:, None] >= 0)
     weight = jnp.where(own, column_scales[None, :], 0.0)
     delta = jnp.einsum("tc,co->to", (xa * weight).astype(lora_b.dtype), lora_b, preferred_element_type=jnp.float32)

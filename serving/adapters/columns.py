@@ -104,8 +104,8 @@ def _rank_row_units(geometry: PoolGeometry, rank: int, targeted: tuple, pages: t
 
 
 def gather_column_layers(k_pages, v_pages, table: ColumnTable, *, modules, geometry: PoolGeometry, dtype=None):
-    """Traced: per layer {module: ModuleLora(a [in, C], b [C, out])} of the table's columns, in `dtype` (None: the
-    pools')."""
+    """Traced: per layer {module: ModuleLora(a [C, in] (Aᵀ), b [C, out])} of the table's columns, in `dtype` (None:
+    the pools')."""
     from jvila.models.lora import ModuleLora  # only engines that serve adapters need the LoRA core
 
     unit = unit_size(geometry)
@@ -119,7 +119,7 @@ def gather_column_layers(k_pages, v_pages, table: ColumnTable, *, modules, geome
             # Columns of adapters that do not target m, and padding columns, read unit 0: zero them.
             rows = jnp.where(live[:, None], rows, jnp.zeros((), rows.dtype)).astype(dtype or rows.dtype)
             in_dim = geometry.dims[m][0]
-            entry[m] = ModuleLora(rows[:, :in_dim].T, rows[:, in_dim:])
+            entry[m] = ModuleLora(rows[:, :in_dim], rows[:, in_dim:])
         layers.append(entry)
     return tuple(layers)
 
@@ -142,9 +142,18 @@ def place_columns(layers, k_pages, v_pages, table: ColumnTable, positions, *, mo
 
     dtype = next(iter(layers[0].values())).a.dtype
     new = gather_column_layers(k_pages, v_pages, table, modules=modules, geometry=geometry, dtype=dtype)
-    return tuple({m: ModuleLora(layer[m].a.at[:, positions].set(fresh[m].a, mode="drop"),
-                                layer[m].b.at[positions].set(fresh[m].b, mode="drop")) for m in layer}
-                 for layer, fresh in zip(layers, new))
+    # Each column's table column (-1: kept). A select over gathered rows, not a scatter into the set: XLA:CPU
+    # scatters 16-bit rows several times slower than it gathers them.
+    size = next(iter(layers[0].values())).a.shape[0]
+    source = jnp.full((size,), -1, jnp.int32).at[positions].set(jnp.arange(positions.shape[0], dtype=jnp.int32),
+                                                                 mode="drop")
+    fresh, rows = source >= 0, jnp.maximum(source, 0)
+
+    def put(kept, read):
+        return jnp.where(fresh[:, None], jnp.take(read, rows, axis=0), kept)
+
+    return tuple({m: ModuleLora(put(layer[m].a, read[m].a), put(layer[m].b, read[m].b)) for m in layer}
+                 for layer, read in zip(layers, new))
 
 
 def relayout_columns(layers, source, k_pages, v_pages, table, positions, *, modules, geometry: PoolGeometry):
@@ -153,7 +162,7 @@ def relayout_columns(layers, source, k_pages, v_pages, table, positions, *, modu
     size keeps what it holds without reading it from the pools again."""
     from jvila.models.lora import ModuleLora
 
-    copied = tuple({m: ModuleLora(jnp.take(pair.a, source, axis=1, mode="fill", fill_value=0),
+    copied = tuple({m: ModuleLora(jnp.take(pair.a, source, axis=0, mode="fill", fill_value=0),
                                   jnp.take(pair.b, source, axis=0, mode="fill", fill_value=0))
                     for m, pair in layer.items()} for layer in layers)
     if table is None:

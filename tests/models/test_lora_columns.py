@@ -36,14 +36,14 @@ def random_columns(rng, d_in=40, d_out=30, tokens=23):
              for r in RANKS]
     scales = rng.uniform(0.2, 2.0, len(RANKS)).astype(np.float32)
     columns = 32
-    a = rng.standard_normal((d_in, columns)).astype(np.float32)
+    a = rng.standard_normal((columns, d_in)).astype(np.float32)  # Aᵀ: one rank row per column
     b = rng.standard_normal((columns, d_out)).astype(np.float32)
     owner = np.full(columns, -1, np.int32)
     col_scale = rng.uniform(0.2, 2.0, columns).astype(np.float32)
     start = 0
     for i, (pa, pb) in enumerate(pairs):
         r = pa.shape[1]
-        a[:, start: start + r], b[start: start + r], owner[start: start + r] = pa, pb, i
+        a[start: start + r], b[start: start + r], owner[start: start + r] = pa.T, pb, i
         col_scale[start: start + r] = scales[i]
         start += r
     x = rng.standard_normal((tokens, d_in)).astype(np.float32)
@@ -81,7 +81,7 @@ def test_bfloat16_columns_beside_float32_tokens():
     for t, i in enumerate(indices):
         if i >= 0:
             cols = slice(start[i], start[i + 1])
-            xa = rounded(x[t]) @ rounded(a[:, cols]) * scales[i]
+            xa = rounded(x[t]) @ rounded(a[cols].T) * scales[i]
             want[t] += xa @ rounded(b[cols])
             bound[t] = np.abs(xa) @ np.abs(rounded(b[cols]))
     # The reference takes the same bfloat16 inputs; what it cannot share is the one rounding of x @ A (times its

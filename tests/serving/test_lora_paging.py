@@ -116,7 +116,7 @@ def test_columns_layout_puts_each_adapter_at_its_own_rank_side_by_side():
                     want_a[:, start: start + adapter.rank], want_b[start: start + adapter.rank] = \
                         adapter.layers[layer][m]
                 start += adapter.rank
-            np.testing.assert_array_equal(a, want_a)  # exact: copied out of the garbage-filled pool
+            np.testing.assert_array_equal(a, want_a.T)  # exact: copied out of the garbage-filled pool (a is Aᵀ)
             np.testing.assert_array_equal(b, want_b)
     # Padding columns (a total rank off the column buckets) are zero and belong to no adapter.
     padded = working_set(store, resident, geometry, pool, "columns").step_inputs(["r3", "r8"], [1, 1]).weights
@@ -124,7 +124,7 @@ def test_columns_layout_puts_each_adapter_at_its_own_rank_side_by_side():
     assert column_bucket(17) == 24 and column_bucket(25) == 32 and column_bucket(33) == 48
     np.testing.assert_array_equal(np.asarray(padded.column_adapters), np.repeat([0, 1, -1], [3, 8, 1]))
     for m in MODULES:
-        assert not np.any(np.asarray(padded.layers[0][m].a)[:, 11]) and not np.any(np.asarray(padded.layers[0][m].b)[11])
+        assert not np.any(np.asarray(padded.layers[0][m].a)[11]) and not np.any(np.asarray(padded.layers[0][m].b)[11])
 
 
 def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload():
@@ -176,7 +176,7 @@ def columns_of(weights, name_index, store, names, dtype=np.float32):
         for layer in range(CFG.num_layers):
             for m, pair in weights.layers[layer].items():
                 assert pair.a.dtype == pair.b.dtype == dtype
-                a, b = np.asarray(pair.a)[:, cols], np.asarray(pair.b)[cols]
+                a, b = np.asarray(pair.a)[cols].T, np.asarray(pair.b)[cols]
                 if m in adapter.modules:  # exact: copied out of the garbage-filled pool
                     np.testing.assert_array_equal(a, np.asarray(jnp.asarray(adapter.layers[layer][m][0], dtype)))
                     np.testing.assert_array_equal(b, np.asarray(jnp.asarray(adapter.layers[layer][m][1], dtype)))
