@@ -138,9 +138,9 @@ def _copy_pages(k_pages, v_pages, src, dst):
 
 @functools.partial(jax.jit, donate_argnames=("k_pages", "v_pages"))
 def _write_pages(k_pages, v_pages, pages, k_data, v_data):
-    # Padding entries have a page id out of range and are dropped.
+    # k_data, v_data [layers, pages, ...]; padding entries have a page id out of range and are dropped.
     def write(pools, data):
-        return tuple(pool.at[pages].set(d.astype(pool.dtype), mode="drop") for pool, d in zip(pools, data))
+        return tuple(pool.at[pages].set(data[i], mode="drop") for i, pool in enumerate(pools))
 
     return write(k_pages, k_data), write(v_pages, v_data)
 
@@ -248,20 +248,26 @@ class StepRunner:
         self.k_pages, self.v_pages = _copy_pages(self.k_pages, self.v_pages, src, dst)
 
     def write_pages(self, pages, k_data, v_data) -> None:
-        """Overwrite whole pages of every layer's pools: k_data[l], v_data[l] [len(pages), page_size, kv_heads, d].
+        """Overwrite whole pages of every layer's pools: k_data, v_data [layers, len(pages), page_size, kv_heads, d].
 
-        Adapter weights enter the pool this way (unified paging); the page count is bucketed.
+        Adapter weights enter the pool this way (unified paging); the page count is bucketed (two sizes per
+        doubling: the padding is copied too).
         """
         pages = np.asarray(pages, np.int32)
         if len(pages) == 0:
             return
         if pages.min() < 0 or pages.max() >= self.num_pages:
             raise ValueError(f"page ids must lie in [0, {self.num_pages})")
-        size = bucket(len(pages))
+        size = page_bucket(len(pages))
         padded = _pad(pages, size, fill=self.num_pages)  # out of range: dropped
-        k_data = [_pad(np.asarray(d), size) for d in k_data]
-        v_data = [_pad(np.asarray(d), size) for d in v_data]
-        self.k_pages, self.v_pages = _write_pages(self.k_pages, self.v_pages, padded, k_data, v_data)
+
+        def stacked(data):  # one host array per pool kind: one transfer, not one per layer
+            out = np.zeros((len(data), size, *data[0].shape[1:]), self.k_pages[0].dtype)
+            out[:, : len(pages)] = data
+            return out
+
+        self.k_pages, self.v_pages = _write_pages(self.k_pages, self.v_pages, padded, stacked(k_data),
+                                                  stacked(v_data))
 
     @staticmethod
     def num_compilations() -> int:

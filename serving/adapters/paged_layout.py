@@ -101,18 +101,23 @@ def ordered_modules(modules) -> tuple[str, ...]:
     return tuple(m for m in MODULES if m in modules)
 
 
-def pack_layer(geometry: PoolGeometry, weights: dict, rank: int, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
-    """One layer's {module: (a [in, r], b [r, out])} → its K and V page contents [num_pages, page_size, kv_heads, d]."""
-    modules = ordered_modules(weights)
-    blocks = [np.concatenate([np.asarray(weights[m][0]).T, np.asarray(weights[m][1])], axis=1) for m in modules]
-    for m, block in zip(modules, blocks):
-        if block.shape != (rank, sum(geometry.dims[m])):
-            raise ValueError(f"{m}: rank rows {block.shape} do not match rank {rank} and the module's shape")
-    values = np.concatenate([b.reshape(-1) for b in blocks])
-    stream = np.zeros((num_pages * 2 * geometry.half_page,), np.float32)
-    stream[: values.size] = values
-    pages = stream.reshape(num_pages, 2, geometry.page_size, geometry.kv_heads, geometry.head_dim)
-    return pages[:, 0], pages[:, 1]
+def pack_layers(geometry: PoolGeometry, layers, rank: int, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer {module: (a [in, r], b [r, out])} → the K and V page contents [layers, num_pages, page_size,
+    kv_heads, d], every layer packed at once (a load writes them in one go)."""
+    modules = ordered_modules(layers[0])
+    stream = np.zeros((len(layers), num_pages * 2 * geometry.half_page), np.float32)
+    offset = 0
+    for m in modules:
+        in_dim, out_dim = geometry.dims[m]
+        rows = stream[:, offset: offset + rank * (in_dim + out_dim)].reshape(len(layers), rank, in_dim + out_dim)
+        for i, layer in enumerate(layers):
+            a, b = (np.asarray(w) for w in layer[m])
+            if a.shape != (in_dim, rank) or b.shape != (rank, out_dim):
+                raise ValueError(f"{m}: A {a.shape} / B {b.shape} do not match rank {rank} and the module's shape")
+            rows[i, :, :in_dim], rows[i, :, in_dim:] = a.T, b
+        offset += rows[0].size
+    pages = stream.reshape(len(layers), num_pages, 2, geometry.page_size, geometry.kv_heads, geometry.head_dim)
+    return pages[:, :, 0], pages[:, :, 1]
 
 
 @jax.tree_util.register_dataclass

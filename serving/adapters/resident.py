@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-from serving.adapters.paged_layout import PoolGeometry, pack_layer
+from serving.adapters.paged_layout import PoolGeometry, pack_layers
 from serving.adapters.store import StoredAdapter
 from serving.page_allocator import PageAllocator
 
@@ -26,7 +26,7 @@ class ResidentAdapters:
                  write_pages: Callable[[list[int], list, list], None]):
         self.geometry = geometry
         self.allocator = allocator
-        self._write_pages = write_pages  # (page ids, per-layer K contents, per-layer V contents)
+        self._write_pages = write_pages  # (page ids, K contents [layers, pages, ...], V contents [layers, pages, ...])
         self._pages: dict[str, list[int]] = {}
         self._serials: dict[str, int] = {}  # which load of the adapter its pages hold (a copy of them stays valid)
         self._users: collections.Counter[str] = collections.Counter()  # running sequences per adapter
@@ -74,12 +74,7 @@ class ResidentAdapters:
         if need > self.allocator.num_free:
             return False
         pages = self.allocator.allocate_raw(_OWNER_PREFIX + name, need)
-        k_data, v_data = [], []
-        for layer in adapter.layers:
-            k, v = pack_layer(self.geometry, layer, adapter.rank, need)
-            k_data.append(k)
-            v_data.append(v)
-        self._write_pages(pages, k_data, v_data)
+        self._write_pages(pages, *pack_layers(self.geometry, adapter.layers, adapter.rank, need))
         self._pages[name] = pages
         self._idle[name] = None
         self.counts["adapter_loads"] += 1
