@@ -214,7 +214,8 @@ def run_systems(systems, split, adapters, trace, args):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 10, 100, 1000])
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=None,
+                        help="default: all (on GPU without slora-bf16: the bfloat16 model's pools already are)")
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of adapter popularity")
     parser.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of inter-arrivals")
@@ -241,6 +242,8 @@ def main(argv=None) -> int:
         config, dtype = GPU_MODEL, jnp.bfloat16
         args.length_scale, args.num_requests, args.repeats = 1 / 2, max(args.num_requests, 256), 1
         args.num_pages, args.max_running, args.token_budget = 8192, 64, 2048
+        args.systems = args.systems or [s for s in SYSTEMS if s != "slora-bf16"]
+    args.systems = args.systems or list(SYSTEMS)
     if args.dry_run:
         # Few step shapes (each one a compilation): one rank bucket, one row bucket, prompts within one token bucket.
         config, args.adapters, args.num_requests, args.num_pages = DRY_MODEL, [2], 4, 256
