@@ -165,8 +165,9 @@ class LoraColumns:
     """Adapters side by side along the rank axis: `layers[i][module]` = ModuleLora(a [C, in], b [C, out]).
 
     `a` is A transposed: each column (rank row) is a contiguous row of both, as in the page pool, so a
-    working set copies and places columns as rows (far cheaper than strided columns). Column c belongs to adapter `column_adapters[c]` (-1: a padding column no token uses) and carries
-    its scale `column_scales[c]`; adapter j's columns are its own rank's, never padded to another's.
+    working set copies and places columns as rows (far cheaper than strided columns). Column c
+    belongs to adapter `column_adapters[c]` (-1: a padding column no token uses) and carries its
+    scale `column_scales[c]`; adapter j's columns are its own rank's, never padded to another's.
     A module an adapter does not target has zeros in its columns; a (layer, module) no adapter
     targets is absent (costs nothing).
     """
@@ -474,9 +475,10 @@ def column_lora(y, x, lora_a, lora_b, indices, column_adapters, column_scales):
     """`bgmv`'s semantics over adapters laid side by side (`LoraColumns`): products in the adapters' dtype,
     accumulated in float32.
 
-    lora_a is Aᵀ [C, in], lora_b B [C, out]. y [T, out] + ((x @ A) * w) @ B with w[t, c] = column_scales[c] where column c belongs to token
-    t's adapter indices[t], else 0; rows with a negative index unchanged. Work T x C x (in + out)
-    for C the working set's total rank: each adapter at its own rank, read once per step.
+    lora_a is Aᵀ [C, in], lora_b B [C, out]. y [T, out] + ((x @ A) * w) @ B with w[t, c] =
+    column_scales[c] where column c belongs to token t's adapter indices[t], else 0; rows with a
+    negative index unchanged. Work T x C x (in + out) for C the working set's total rank: each
+    adapter at its own rank, read once per step.
     Adapters narrower than x (bfloat16 beside a float32 model) take x and x @ A at their width:
     casting the adapters up instead would copy them at every step.
     """

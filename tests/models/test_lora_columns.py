@@ -66,7 +66,8 @@ def test_each_token_gets_its_own_adapter_at_its_own_rank():
 
 
 def test_bfloat16_columns_beside_float32_tokens():
-    """Adapters held in bfloat16 (serving's `lora_dtype`): x and x @ A rounded to bfloat16, products summed in float32."""
+    """Adapters held in bfloat16 (serving's `lora_dtype`): x and x @ A rounded to bfloat16, products summed in
+    float32."""
     x, y, a, b, indices, owner, col_scale, _, scales = random_columns(np.random.default_rng())
     a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
     got = column_lora(jnp.asarray(y), jnp.asarray(x), a16, b16, *map(jnp.asarray, (indices, owner, col_scale)))
