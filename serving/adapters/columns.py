@@ -140,11 +140,11 @@ def place_columns(layers, k_pages, v_pages, table: ColumnTable, positions, *, mo
     to it reads only them."""
     from jvila.models.lora import ModuleLora
 
-    dtype = next(iter(layers[0].values())).a.dtype
-    new = gather_column_layers(k_pages, v_pages, table, modules=modules, geometry=geometry, dtype=dtype)
+    first = next(iter(layers[0].values())).a  # the working set's dtype and column count
+    new = gather_column_layers(k_pages, v_pages, table, modules=modules, geometry=geometry, dtype=first.dtype)
     # Each column's table column (-1: kept). A select over gathered rows, not a scatter into the set: XLA:CPU
     # scatters 16-bit rows several times slower than it gathers them.
-    size = next(iter(layers[0].values())).a.shape[0]
+    size = first.shape[0]
     source = jnp.full((size,), -1, jnp.int32).at[positions].set(jnp.arange(positions.shape[0], dtype=jnp.int32),
                                                                  mode="drop")
     fresh, rows = source >= 0, jnp.maximum(source, 0)

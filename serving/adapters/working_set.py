@@ -245,7 +245,7 @@ def _first_run(free: np.ndarray, length: int) -> int | None:
 
 
 _gather_columns = jax.jit(gather_columns, static_argnames=("modules", "num_adapters", "geometry", "dtype"))
-# The kept columns are donated: an addition writes into them in place.
+# The kept columns are donated: an addition's result reuses their buffers.
 _place_columns = jax.jit(place_columns, static_argnames=("modules", "geometry"), donate_argnames=("layers",))
 _relayout_columns = jax.jit(relayout_columns, static_argnames=("modules", "geometry"))
 
