@@ -247,27 +247,31 @@ class StepRunner:
         dst = _pad(pairs[:, 1].astype(np.int32), size, fill=self.num_pages)  # out of range: dropped
         self.k_pages, self.v_pages = _copy_pages(self.k_pages, self.v_pages, src, dst)
 
-    def write_pages(self, pages, k_data, v_data) -> None:
-        """Overwrite whole pages of every layer's pools: k_data, v_data [layers, len(pages), page_size, kv_heads, d].
+    def write_pages(self, pages, values) -> None:
+        """Overwrite whole pages of every layer's pools with `values` [layers, n]: page i takes values
+        [2iE, 2iE + E) in K and the next E in V (E = page_size * kv_heads * head_dim), zeros past n.
 
-        Adapter weights enter the pool this way (unified paging); the page count is bucketed (two sizes per
-        doubling: the padding is copied too).
+        Adapter weights enter the pool this way (unified paging: `paged_layout.pack_stream`'s values); the
+        page count is bucketed (two sizes per doubling; the padding pages are dropped). The values are laid out
+        in pages on the host: padding and splitting them on the device compiled 3x slower and ran no faster.
         """
         pages = np.asarray(pages, np.int32)
         if len(pages) == 0:
             return
         if pages.min() < 0 or pages.max() >= self.num_pages:
             raise ValueError(f"page ids must lie in [0, {self.num_pages})")
+        page_values = 2 * int(np.prod(self.k_pages[0].shape[1:]))
+        if values.ndim != 2 or values.shape[0] != len(self.k_pages):
+            raise ValueError(f"values must be [layers = {len(self.k_pages)}, n], got {values.shape}")
+        room = len(pages) * page_values
+        if values.shape[1] > room and np.any(values[:, room:]):  # past the room: the stream's zero padding only
+            raise ValueError(f"{values.shape[1]} values per layer do not fit {len(pages)} pages of {page_values}")
         size = page_bucket(len(pages))
         padded = _pad(pages, size, fill=self.num_pages)  # out of range: dropped
-
-        def stacked(data):  # one host array per pool kind: one transfer, not one per layer
-            out = np.zeros((len(data), size, *data[0].shape[1:]), self.k_pages[0].dtype)
-            out[:, : len(pages)] = data
-            return out
-
-        self.k_pages, self.v_pages = _write_pages(self.k_pages, self.v_pages, padded, stacked(k_data),
-                                                  stacked(v_data))
+        data = np.zeros((len(self.k_pages), size, 2, *self.k_pages[0].shape[1:]), self.k_pages[0].dtype)
+        width = min(values.shape[1], room)
+        data.reshape(len(self.k_pages), -1)[:, :width] = values[:, :width]
+        self.k_pages, self.v_pages = _write_pages(self.k_pages, self.v_pages, padded, data[:, :, 0], data[:, :, 1])
 
     @staticmethod
     def num_compilations() -> int:

@@ -101,23 +101,46 @@ def ordered_modules(modules) -> tuple[str, ...]:
     return tuple(m for m in MODULES if m in modules)
 
 
-def pack_layers(geometry: PoolGeometry, layers, rank: int, num_pages: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer {module: (a [in, r], b [r, out])} → the K and V page contents [layers, num_pages, page_size,
-    kv_heads, d], every layer packed at once (a load writes them in one go)."""
-    modules = ordered_modules(layers[0])
-    stream = np.zeros((len(layers), num_pages * 2 * geometry.half_page), np.float32)
+def stream_length(values: int) -> int:
+    """Values per layer an adapter's stream is kept with: its own, rounded up to the next power of two or three
+    quarters of it (two sizes per doubling), so that loads of adapters of many ranks share few compiled writes."""
+    size = 1 << (max(values, 1) - 1).bit_length()
+    return size * 3 // 4 if size % 4 == 0 and size * 3 // 4 >= values else size
+
+
+def pack_stream(dims, layers, rank: int, modules) -> np.ndarray:
+    """Per-layer {module: (a [in, r], b [r, out])} → [layers, stream_length(values)] float32: each layer's rank
+    rows of each module in canonical order (the values its pages hold, each page's K part then its V part),
+    zeros past them. The store keeps adapters this way, so a load writes the pages with no packing."""
+    modules = ordered_modules(modules)
+    values = rank * sum(sum(dims[m]) for m in modules)
+    stream = np.zeros((len(layers), stream_length(values)), np.float32)
     offset = 0
     for m in modules:
-        in_dim, out_dim = geometry.dims[m]
-        rows = stream[:, offset: offset + rank * (in_dim + out_dim)].reshape(len(layers), rank, in_dim + out_dim)
+        rows = _rank_rows(stream, offset, rank, dims[m])
         for i, layer in enumerate(layers):
-            a, b = (np.asarray(w) for w in layer[m])
-            if a.shape != (in_dim, rank) or b.shape != (rank, out_dim):
-                raise ValueError(f"{m}: A {a.shape} / B {b.shape} do not match rank {rank} and the module's shape")
-            rows[i, :, :in_dim], rows[i, :, in_dim:] = a.T, b
-        offset += rows[0].size
-    pages = stream.reshape(len(layers), num_pages, 2, geometry.page_size, geometry.kv_heads, geometry.head_dim)
-    return pages[:, :, 0], pages[:, :, 1]
+            a, b = layer[m]
+            rows[i, :, : dims[m][0]], rows[i, :, dims[m][0]:] = np.asarray(a).T, b
+        offset += rank * sum(dims[m])
+    return stream
+
+
+def stream_layers(dims, stream: np.ndarray, rank: int, modules) -> tuple:
+    """Per layer {module: (a [in, r], b [r, out])}, views into a `pack_stream` stream (nothing copied)."""
+    layers = [{} for _ in range(stream.shape[0])]
+    offset = 0
+    for m in ordered_modules(modules):
+        rows = _rank_rows(stream, offset, rank, dims[m])
+        for i, layer in enumerate(layers):
+            layer[m] = (rows[i, :, : dims[m][0]].T, rows[i, :, dims[m][0]:])
+        offset += rank * sum(dims[m])
+    return tuple(layers)
+
+
+def _rank_rows(stream, offset: int, rank: int, dims) -> np.ndarray:
+    """A view [layers, rank, in + out] of one module's block of a stream."""
+    width = sum(dims)
+    return stream[:, offset: offset + rank * width].reshape(stream.shape[0], rank, width)
 
 
 @jax.tree_util.register_dataclass

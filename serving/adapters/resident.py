@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-from serving.adapters.paged_layout import PoolGeometry, pack_layers
+from serving.adapters.paged_layout import PoolGeometry
 from serving.adapters.store import StoredAdapter
 from serving.page_allocator import PageAllocator
 
@@ -23,10 +23,10 @@ _OWNER_PREFIX = "\x00lora:"
 
 class ResidentAdapters:
     def __init__(self, geometry: PoolGeometry, allocator: PageAllocator,
-                 write_pages: Callable[[list[int], list, list], None]):
+                 write_pages: Callable[[list[int], object], None]):
         self.geometry = geometry
         self.allocator = allocator
-        self._write_pages = write_pages  # (page ids, K contents [layers, pages, ...], V contents [layers, pages, ...])
+        self._write_pages = write_pages  # (page ids, values [layers, n]: `paged_layout.pack_stream`'s)
         self._pages: dict[str, list[int]] = {}
         self._serials: dict[str, int] = {}  # which load of the adapter its pages hold (a copy of them stays valid)
         self._users: collections.Counter[str] = collections.Counter()  # running sequences per adapter
@@ -74,7 +74,7 @@ class ResidentAdapters:
         if need > self.allocator.num_free:
             return False
         pages = self.allocator.allocate_raw(_OWNER_PREFIX + name, need)
-        self._write_pages(pages, *pack_layers(self.geometry, adapter.layers, adapter.rank, need))
+        self._write_pages(pages, adapter.values(self.geometry.dims))
         self._pages[name] = pages
         self._idle[name] = None
         self.counts["adapter_loads"] += 1

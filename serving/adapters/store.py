@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from serving.adapters.paged_layout import module_dims, ordered_modules
+from serving.adapters.paged_layout import module_dims, ordered_modules, pack_stream, stream_layers
 
 
 class AdapterError(ValueError):
@@ -32,13 +32,22 @@ class AdapterInUse(AdapterError):
 
 @dataclasses.dataclass(frozen=True)
 class StoredAdapter:
-    """One adapter as the server keeps it: per-layer {module: (a [in, r], b [r, out])} float32 numpy, and its scale."""
+    """One adapter as the server keeps it: per-layer {module: (a [in, r], b [r, out])} float32 numpy, and its scale.
+
+    Once the store has checked it, its weights live in `stream` (`paged_layout.pack_stream`: the values its pool
+    pages take, in their order), `layers` being views into it: a load then copies the stream as it is.
+    """
 
     rank: int
     scale: float  # alpha / r (or alpha / sqrt(r) for rsLoRA), applied to x @ A @ B
     modules: tuple[str, ...]  # targeted projections, canonical order
     layers: tuple  # per layer: {module: (a, b)}
     path: str | None = None
+    stream: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)  # [layers, values]
+
+    def values(self, dims) -> np.ndarray:
+        """The pool-page values [layers, values] of this adapter on a model of these module `dims`."""
+        return self.stream if self.stream is not None else pack_stream(dims, self.layers, self.rank, self.modules)
 
     @property
     def num_bytes(self) -> int:
@@ -148,7 +157,9 @@ class AdapterStore:
                     raise AdapterError(f"layer {i} {m} holds non-finite values")
                 checked[m] = (a, b)
             layers.append(checked)
-        return dataclasses.replace(adapter, modules=modules, layers=tuple(layers))
+        stream = pack_stream(self._dims, layers, adapter.rank, modules)
+        return dataclasses.replace(adapter, modules=modules, layers=stream_layers(self._dims, stream, adapter.rank, modules),
+                                   stream=stream)
 
 
 def stored_adapter(adapter, num_layers: int, path: str | None = None) -> StoredAdapter:

@@ -7,7 +7,7 @@ import pytest
 
 from jvila.config import LLMConfig
 from serving.adapters.columns import column_bucket, unit_size
-from serving.adapters.paged_layout import MODULES, PoolGeometry, module_dims
+from serving.adapters.paged_layout import MODULES, PoolGeometry, module_dims, stream_length
 from serving.adapters.resident import ResidentAdapters
 from serving.adapters.store import AdapterError, AdapterStore, StoredAdapter
 from serving.adapters.working_set import WorkingSet
@@ -37,10 +37,16 @@ class NumpyPool:
         self.k = [rng.standard_normal(shape).astype(np.float32) for _ in range(CFG.num_layers)]
         self.v = [rng.standard_normal(shape).astype(np.float32) for _ in range(CFG.num_layers)]
 
-    def write(self, pages, k_data, v_data):
+    def write(self, pages, values):
+        # Page i holds values [2iE, 2iE + E) in K and the next E in V (E values per page half), zeros past the values.
+        half = PAGE_SIZE * CFG.num_kv_heads * CFG.head_dim
         for layer in range(CFG.num_layers):
-            self.k[layer][pages] = k_data[layer]
-            self.v[layer][pages] = v_data[layer]
+            for i, page in enumerate(pages):
+                for pool, start in ((self.k, 2 * i * half), (self.v, (2 * i + 1) * half)):
+                    page_values = np.zeros(half, np.float32)
+                    chunk = values[layer][start: start + half]
+                    page_values[: len(chunk)] = chunk
+                    pool[layer][page] = page_values.reshape(pool[layer][page].shape)
 
 
 def make_resident(num_pages):
@@ -150,8 +156,7 @@ def test_working_set_is_kept_while_it_covers_the_step_and_reread_after_a_reload(
     # r13 evicted, other values written into its pages, and r13 loaded again: its new pages are re-read.
     resident.drop("r13")
     pages = allocator.allocate_raw("other", 8)
-    pool.write(pages, *[[np.full((8, PAGE_SIZE, CFG.num_kv_heads, CFG.head_dim), 7.0, np.float32)] * 2
-                        for _ in range(2)])
+    pool.write(pages, np.full((CFG.num_layers, 8 * 2 * PAGE_SIZE * CFG.num_kv_heads * CFG.head_dim), 7.0))
     allocator.free("other")
     assert resident.ensure("r13", store.get("r13"))
     fourth = ws.step_inputs(["r13", "r3"], [1, 1])
@@ -256,6 +261,32 @@ def test_pages_follow_rank_not_the_largest_rank():
     q, v = module_dims(CFG)["q_proj"], module_dims(CFG)["v_proj"]
     assert geometry.pages_for(8, ("q_proj", "v_proj")) == -(-8 * (sum(q) + sum(v)) // per_page)
     assert geometry.pages_for(64, MODULES) > 6 * geometry.pages_for(8, MODULES)
+
+
+def test_the_store_keeps_each_adapter_as_its_page_values_with_layers_viewing_them():
+    """A checked adapter's weights are one stream [layers, values] in the pool's order (rank rows [A[:, j], B[j, :]]
+    per module, canonical module order), its layers views into it: a load copies the stream as it is."""
+    rng = np.random.default_rng(4)
+    store = AdapterStore(CFG, max_rank=64)
+    given = random_adapter(rng, 5, ("v_proj", "q_proj", "down_proj"))
+    store.add("a", given)
+    kept = store.get("a")
+    dims = module_dims(CFG)
+    values = 5 * sum(sum(dims[m]) for m in kept.modules)
+    assert kept.stream.shape == (CFG.num_layers, stream_length(values)) and stream_length(values) >= values
+    assert stream_length(values) < 4 * values / 3 + 1  # two sizes per doubling
+    for layer in range(CFG.num_layers):
+        offset = 0
+        for m in ("q_proj", "v_proj", "down_proj"):
+            a, b = given.layers[layer][m]
+            rows = np.concatenate([a.T, b], axis=1)  # rank rows
+            np.testing.assert_array_equal(kept.stream[layer, offset: offset + rows.size], rows.reshape(-1))
+            offset += rows.size
+            np.testing.assert_array_equal(kept.layers[layer][m][0], a)
+            np.testing.assert_array_equal(kept.layers[layer][m][1], b)
+            assert all(np.shares_memory(w, kept.stream) for w in kept.layers[layer][m])
+        assert not np.any(kept.stream[layer, offset:])
+    np.testing.assert_array_equal(given.values(dims), kept.stream)  # an unchecked adapter packs on demand
 
 
 def test_loading_adapters_takes_kv_pages_and_eviction_gives_them_back():
