@@ -171,8 +171,11 @@ def system_pass(system, split, adapters, trace, args):
     store = None
     if system.startswith("slora"):  # the host store is built once: the engine never changes it
         store = AdapterStore(config, max_rank=max(args.ranks))
+        kept = {}  # adapters sharing weight arrays share the store's copy of them too (`--distinct-weights`)
         for i, adapter in enumerate(adapters):
-            store.add(f"a{i}", stored_adapter(adapter, config.num_layers))
+            if id(adapter) not in kept:
+                kept[id(adapter)] = store.check(stored_adapter(adapter, config.num_layers))
+            store.add(f"a{i}", kept[id(adapter)])
     merged_state = merge(graphdef, state, adapters[0]) if system == "merged" else None
 
     def run():

@@ -182,6 +182,10 @@ class Engine:
             return outputs
         if copies:
             self.runner.copy_pages(copies)
+        if self.adapters is not None:
+            # Short rows first: the step's long rows then share its last tokens, which multiply just their own
+            # adapters (`LoraBatch.step_weights`).
+            plan.sort(key=lambda row: row[1])
         batch = pack_step(plan, self.allocator, self.hidden_size)
         if self.adapters is not None:
             batch.lora = self.adapters.step_inputs([seq.request for seq, _ in plan], [chunk for _, chunk in plan])

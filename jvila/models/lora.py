@@ -158,8 +158,9 @@ class LoraWeights:
         return next(m.a.shape[-1] for layer in self.layers for m in layer.values())
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["layers", "column_adapters", "column_scales"],
-                   meta_fields=["num_adapters"])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["layers", "column_adapters", "column_scales", "tail_columns"],
+                   meta_fields=["num_adapters", "tail_start"])
 @dataclasses.dataclass(frozen=True)
 class LoraColumns:
     """Adapters side by side along the rank axis: `layers[i][module]` = ModuleLora(a [C, in], b [C, out]).
@@ -170,6 +171,10 @@ class LoraColumns:
     scale `column_scales[c]`; adapter j's columns are its own rank's, never padded to another's.
     A module an adapter does not target has zeros in its columns; a (layer, module) no adapter
     targets is absent (costs nothing).
+    Every token multiplies all C columns. With `tail_columns` [C'] (indices into the C columns; C or more: a
+    zero padding column), tokens from `tail_start` on multiply just those: a step whose long rows use a
+    few of the set's adapters (a prompt beside many decoding rows) then spends C' columns, not C, on most
+    of its tokens. Each such token's adapter must own columns among them.
     """
 
     layers: tuple[dict[str, ModuleLora], ...]
@@ -178,6 +183,8 @@ class LoraColumns:
     # Static: a bound on the adapter indices (tokens' lie in [-1, num_adapters)); column_stack gives the number of
     # adapters, serving's working set its column count (its step compiles per column bucket, not per adapter count).
     num_adapters: int
+    tail_columns: jax.Array | None = None  # [C'] int32
+    tail_start: int | None = None  # static
 
     @property
     def num_columns(self) -> int:
@@ -407,9 +414,7 @@ class LayerLora:
             keep = jax.random.bernoulli(key, 1.0 - ctx.dropout_rate, x2.shape)
             x2 = jnp.where(keep, x2 / (1.0 - ctx.dropout_rate), 0).astype(x2.dtype)
         if isinstance(ctx.weights, LoraColumns):
-            out = column_lora(y2, x2, m.a, m.b, ctx.token_adapters, ctx.weights.column_adapters,
-                              ctx.weights.column_scales)
-            return out.reshape(y.shape)
+            return columns_lora(y2, x2, m, ctx.token_adapters, ctx.weights).reshape(y.shape)
         implementation = ctx.implementation
         if implementation is None and jax.default_backend() == "cpu":
             implementation = _cpu_implementation(m.a.shape[0], x2.shape[0], ctx.segment_adapters)
@@ -487,6 +492,22 @@ def column_lora(y, x, lora_a, lora_b, indices, column_adapters, column_scales):
     weight = jnp.where(own, column_scales[None, :], 0.0)
     delta = jnp.einsum("tc,co->to", (xa * weight).astype(lora_b.dtype), lora_b, preferred_element_type=jnp.float32)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
+
+
+def columns_lora(y, x, module: ModuleLora, indices, weights: LoraColumns):
+    """`column_lora` over a `LoraColumns` set's module: tokens past `weights.tail_start` on its tail columns alone."""
+    start = weights.tail_start
+    if weights.tail_columns is None or start >= x.shape[0]:
+        return column_lora(y, x, module.a, module.b, indices, weights.column_adapters, weights.column_scales)
+
+    def tail(values, fill):
+        return jnp.take(values, weights.tail_columns, axis=0, mode="fill", fill_value=fill)
+
+    head = column_lora(y[:start], x[:start], module.a, module.b, indices[:start], weights.column_adapters,
+                       weights.column_scales)
+    rest = column_lora(y[start:], x[start:], tail(module.a, 0), tail(module.b, 0), indices[start:],
+                       tail(weights.column_adapters, -1), tail(weights.column_scales, 0))
+    return jnp.concatenate([head, rest])
 
 
 def per_token_context(weights: LoraWeights, token_adapters, num_tokens: int, **kwargs) -> LoraContext:

@@ -40,6 +40,22 @@ def column_bucket(n: int) -> int:
     return size
 
 
+def tail_columns(owner: np.ndarray, token_adapters: np.ndarray) -> np.ndarray | None:
+    """The columns of the adapters `token_adapters` use (`owner`: each column's adapter, -1 none), padded to a
+    column bucket with an index past the set (a zero column): `LoraColumns.tail_columns` for those tokens.
+    None when there are no such tokens or their columns take more than half of the set (a split would not pay
+    for its copies of the columns)."""
+    if token_adapters.size == 0:
+        return None
+    used = np.flatnonzero(np.isin(owner, token_adapters[token_adapters >= 0]))
+    size = column_bucket(len(used))
+    if 2 * size > len(owner):
+        return None
+    out = np.full((size,), len(owner), np.int32)
+    out[: len(used)] = used
+    return out
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ColumnTable:

@@ -157,9 +157,12 @@ class AdapterStore:
                     raise AdapterError(f"layer {i} {m} holds non-finite values")
                 checked[m] = (a, b)
             layers.append(checked)
+        if adapter.stream is not None and all(np.may_share_memory(w, adapter.stream) for layer in layers
+                                              for pair in layer.values() for w in pair):
+            return dataclasses.replace(adapter, modules=modules)  # checked before: its layers view its stream
         stream = pack_stream(self._dims, layers, adapter.rank, modules)
-        return dataclasses.replace(adapter, modules=modules, layers=stream_layers(self._dims, stream, adapter.rank, modules),
-                                   stream=stream)
+        layers = stream_layers(self._dims, stream, adapter.rank, modules)
+        return dataclasses.replace(adapter, modules=modules, layers=layers, stream=stream)
 
 
 def stored_adapter(adapter, num_layers: int, path: str | None = None) -> StoredAdapter:

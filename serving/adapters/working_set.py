@@ -40,6 +40,7 @@ from serving.adapters.columns import (
     gather_columns,
     place_columns,
     relayout_columns,
+    tail_columns,
 )
 from serving.adapters.paged_layout import (
     MODULES,
@@ -64,6 +65,20 @@ class LoraBatch:
     token_adapters: np.ndarray  # [T] int32: index of each packed token's adapter in `weights`, -1 = base
     weights: object  # jvila.models.lora.LoraColumns or LoraWeights: the working set
     names: tuple[str, ...]  # the step's adapters, for observation
+    column_owner: np.ndarray | None = None  # columns layout: each column's adapter index (weights.column_adapters)
+
+    def step_weights(self, token_adapters: np.ndarray, tail_start: int):
+        """The adapters a step of these (padded) token adapters reads. In the columns layout, tokens from
+        `tail_start` on (the engine packs short rows first: these are its long rows' tokens) multiply just their
+        own adapters' columns when those are at most half of the set (`LoraColumns.tail_columns`): a prompt
+        joining a batch decoding with many adapters multiplies its tokens by its own adapter, not by all of them
+        (`benchmarks/lora_columns_cpu.py`)."""
+        if self.column_owner is None or tail_start >= len(token_adapters):
+            return self.weights
+        columns = tail_columns(self.column_owner, token_adapters[tail_start:])
+        if columns is None:
+            return self.weights
+        return dataclasses.replace(self.weights, tail_columns=jnp.asarray(columns), tail_start=tail_start)
 
 
 def default_layout() -> str:
@@ -106,7 +121,8 @@ class WorkingSet:
         index = {name: self._index[key] for name, key in zip(names, keys)}
         token_adapters = np.repeat(np.asarray([-1 if a is None else index[a] for a in row_adapters], np.int32),
                                    np.asarray(row_tokens, np.int64))
-        return LoraBatch(token_adapters, self._weights, tuple(names))
+        return LoraBatch(token_adapters, self._weights, tuple(names),
+                         self._owner if self.layout == "columns" else None)
 
     def _fit(self, names, keys) -> bool:
         """Make the kept set serve the step without reading it whole again; False: build it anew.

@@ -49,3 +49,15 @@ def test_multi_lora_dry_run():
     ratio_row = proc.stdout.split("relative to one merged model")[1].strip().splitlines()[-1].split()
     wall, cpu = ratio_row[1:5], ratio_row[6:10]  # adapters, 4 systems, "|", 4 systems
     assert wall[-1] == cpu[-1] == "1.00x" and all(float(r[:-1]) > 0 for r in wall + cpu)
+
+
+def test_lora_columns_cpu_dry_run(capsys):
+    from lora_columns_cpu import main
+
+    assert main(["--dry-run"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith("x") and "ms" not in line]
+    # Per adapter dtype: decode, then all columns and the tail for prompts of 1 and 4 adapters.
+    assert len(rows) == 10 and sum("tail" in r for r in rows) == 4, rows
+    for row in rows:
+        assert all(float(v) > 0 for v in row.split()[-4:-2])  # times of the base and base + adapters (no ordering:
+        # one sample of two layers is noise)

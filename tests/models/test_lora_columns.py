@@ -15,10 +15,14 @@ from jvila.models.llm import LLM
 from jvila.models.lora import (
     TARGET_MODULES,
     AdapterError,
+    LoraColumns,
+    ModuleLora,
     column_lora,
     column_stack,
+    columns_lora,
     stack_adapters,
 )
+from serving.adapters.columns import tail_columns
 
 CFG = LLMConfig(vocab_size=89, hidden_size=40, intermediate_size=72, num_layers=2, num_heads=4, num_kv_heads=2,
                 head_dim=10, qkv_bias=True)
@@ -91,6 +95,35 @@ def test_bfloat16_columns_beside_float32_tokens():
     full = np.asarray(column_lora(*map(jnp.asarray, (y, x, a, b, indices, owner, col_scale))))
     assert np.abs(got - full).max() > 1e-2  # bfloat16 really ran: O(1) terms rounded at 2^-9 in sums of hundreds
     np.testing.assert_array_equal(got[indices < 0], y[indices < 0])
+
+
+def test_tokens_past_the_tail_start_multiply_only_the_tail_columns():
+    """`LoraColumns.tail_columns`: the tokens from `tail_start` on use a gathered subset of the columns (their
+    adapters', in any order, with out-of-range padding) and get what all columns give them."""
+    rng = np.random.default_rng()
+    x, y, a, b, indices, owner, col_scale, pairs, scales = random_columns(rng)
+    start = 9
+    indices[start:] = rng.choice([-1, 1, 3], len(indices) - start)  # the tail: adapters 1 and 3 and the base
+    indices[start: start + 2] = [1, 3]
+    ranks = np.cumsum([0, *RANKS])
+    # Adapter 3's columns before adapter 1's, then padding: positions in the subset need not follow the set's.
+    columns = np.concatenate([np.arange(ranks[3], ranks[4]), np.arange(ranks[1], ranks[2]), [32, 40, 32]])
+    weights = LoraColumns(({"q_proj": ModuleLora(jnp.asarray(a), jnp.asarray(b))},), jnp.asarray(owner),
+                          jnp.asarray(col_scale), len(RANKS), jnp.asarray(columns, jnp.int32), start)
+    got = np.asarray(columns_lora(jnp.asarray(y), jnp.asarray(x), weights.layers[0]["q_proj"], jnp.asarray(indices),
+                                  weights))
+    want = y.astype(np.float64).copy()
+    for t, i in enumerate(indices):
+        if i >= 0:
+            want[t] += scales[i] * (x[t].astype(np.float64) @ pairs[i][0] @ pairs[i][1])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # float32 rounding only, as without a tail
+    np.testing.assert_array_equal(got[indices < 0], y[indices < 0])
+    # Host side: the tail's columns, bucketed, padded past the set; none when they would be over half of it.
+    owner = np.repeat([0, 1, 2, -1], [8, 5, 19, 8])
+    tail = tail_columns(owner, np.asarray([1, -1, 0, 1], np.int32))
+    np.testing.assert_array_equal(tail, [*range(13), 40, 40, 40])  # 13 columns: bucket 16
+    assert tail_columns(owner, np.asarray([2, 1], np.int32)) is None  # 24 columns of 40
+    np.testing.assert_array_equal(tail_columns(owner, np.asarray([-1, -1], np.int32)), [40] * 8)  # base tokens alone
 
 
 def test_columns_serve_a_mixed_batch_as_the_stacked_adapters_do():

@@ -287,6 +287,8 @@ def test_the_store_keeps_each_adapter_as_its_page_values_with_layers_viewing_the
             assert all(np.shares_memory(w, kept.stream) for w in kept.layers[layer][m])
         assert not np.any(kept.stream[layer, offset:])
     np.testing.assert_array_equal(given.values(dims), kept.stream)  # an unchecked adapter packs on demand
+    store.add("b", kept)  # checked before: shares the stream (a thousand names over a few weights stay small)
+    assert store.get("b").stream is kept.stream
 
 
 def test_loading_adapters_takes_kv_pages_and_eviction_gives_them_back():

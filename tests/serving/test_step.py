@@ -208,25 +208,28 @@ def test_write_pages_lays_values_out_page_by_page(split_model, cache_dtype):
     rng = np.random.default_rng(8)
     runner.k_pages = tuple(jnp.asarray(rng.standard_normal(p.shape), cache_dtype) for p in runner.k_pages)
     runner.v_pages = tuple(jnp.asarray(rng.standard_normal(p.shape), cache_dtype) for p in runner.v_pages)
-    before = [np.asarray(p, np.float32) for p in runner.k_pages + runner.v_pages]
     half = PAGE * CFG.num_kv_heads * CFG.head_dim
-    pages = [9, 2, 5]  # three pages, not in order: a bucket of 4 with one dropped padding entry
-    values = rng.standard_normal((CFG.num_layers, 5 * half + 7)).astype(np.float32)  # the last page's V part in part
-    values = np.concatenate([values, np.zeros((CFG.num_layers, 9), np.float32)], axis=1)  # a stream's zero padding
-    runner.write_pages(pages, values)
-    for layer in range(CFG.num_layers):
-        want = np.zeros((len(pages) * 2 * half,), np.float32)
-        want[: values.shape[1]] = values[layer]
-        want = want.astype(cache_dtype).astype(np.float32).reshape(len(pages), 2, PAGE, CFG.num_kv_heads, -1)
-        for pools, part, offset in ((runner.k_pages, 0, 0), (runner.v_pages, 1, CFG.num_layers)):
-            got = np.asarray(pools[layer], np.float32)
-            np.testing.assert_array_equal(got[pages], want[:, part])
-            others = [p for p in range(12) if p not in pages]
-            np.testing.assert_array_equal(got[others], before[offset + layer][others])
+    # Three pages each time, not in order (a bucket of 4: one dropped padding entry); the second write has fewer
+    # values, so whatever the first left in the host buffers it reuses must not reach the pools.
+    for pages, count in (([9, 2, 5], 5 * half + 7), ([0, 11, 3], 2 * half + 5)):
+        before = [np.asarray(p, np.float32) for p in runner.k_pages + runner.v_pages]
+        values = rng.standard_normal((CFG.num_layers, count)).astype(np.float32)
+        values = np.concatenate([values, np.zeros((CFG.num_layers, 9), np.float32)], axis=1)  # a stream's padding
+        runner.write_pages(pages, values)
+        for layer in range(CFG.num_layers):
+            want = np.zeros((len(pages) * 2 * half,), np.float32)
+            want[: values.shape[1]] = values[layer]
+            want = want.astype(cache_dtype).astype(np.float32).reshape(len(pages), 2, PAGE, CFG.num_kv_heads, -1)
+            for pools, part, offset in ((runner.k_pages, 0, 0), (runner.v_pages, 1, CFG.num_layers)):
+                got = np.asarray(pools[layer], np.float32)
+                np.testing.assert_array_equal(got[pages], want[:, part])
+                others = [p for p in range(12) if p not in pages]
+                np.testing.assert_array_equal(got[others], before[offset + layer][others])
     with pytest.raises(ValueError, match="do not fit"):
         runner.write_pages([3], values)
     with pytest.raises(ValueError, match="layers"):
         runner.write_pages([3], values[:1])
+
 
 def test_compilations_are_bounded_by_buckets(split_model):
     graphdef, state = split_model
