@@ -35,8 +35,8 @@ class EngineAdapters:
                  sequence_pages: int = 0, read_pools=None, layout: str | None = None, dtype=None):
         """`sequence_pages`: pages one sequence of the longest context takes; an adapter must leave room for it.
 
-        `write_pages(pages, values)` writes adapter pages into the pools (`StepRunner.write_pages`); `read_pools()` returns
-        the current (K pools, V pools) the steps read adapters from; `layout`: the working set's
+        `write_pages(pages, values)` writes adapter pages into the pools (`StepRunner.write_pages`);
+        `read_pools()` returns the current (K pools, V pools) the steps read adapters from; `layout`: the working set's
         (`serving.adapters.working_set.LAYOUTS`; None = the platform's); `dtype`: the working set's (None = the
         pools').
         """
