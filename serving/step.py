@@ -25,6 +25,7 @@ from jvila.models import functional
 from jvila.models.kernel_attention import default_attention
 from jvila.models.kv_cache import KVCache
 from serving.adapters.working_set import LoraBatch
+from serving.host_staging import staging_buffers
 from serving.sampling import SampleOutput, SamplingArrays, sample
 
 # Smallest token bucket of a step with more tokens than rows (prompt chunks): short chunks share one
@@ -171,7 +172,6 @@ class StepRunner:
         self.attention = attention or default_attention()
         self.max_logprobs = max_logprobs
         self.lora_geometry = lora_geometry  # serving.adapters.paged_layout.PoolGeometry when adapters are served
-        self._staging: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # write_pages' host buffers, per page bucket
         self.min_rows, self.min_tokens = bucket(min_rows), bucket(min_tokens, MIN_TOKENS)
         dtype = cache_dtype or _default_cache_dtype(model.compute_dtype)
         shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
@@ -254,8 +254,8 @@ class StepRunner:
 
         Adapter weights enter the pool this way (unified paging: `paged_layout.pack_stream`'s values); the
         page count is bucketed (two sizes per doubling; the padding pages are dropped). The values are laid out
-        in pages on the host, in staging buffers kept per bucket: fresh buffers of tens of MB cost page faults
-        that made some loads 5-10x slower; padding and splitting on the device compiled 3x slower, ran no faster.
+        in pages on the host, in buffers kept for the process (`serving.host_staging`); padding and splitting
+        them on the device instead compiled 3x slower and ran no faster.
         """
         pages = np.asarray(pages, np.int32)
         if len(pages) == 0:
@@ -271,22 +271,19 @@ class StepRunner:
         size = page_bucket(len(pages))
         padded = _pad(pages, size, fill=self.num_pages)  # out of range: dropped
         layers, half = len(self.k_pages), page_values // 2
-        if size not in self._staging:
-            self._staging[size] = tuple(np.empty((layers, size, *self.k_pages[0].shape[1:]), self.k_pages[0].dtype)
-                                        for _ in range(2))
-        k_data, v_data = self._staging[size]
-        k_rows, v_rows = k_data.reshape(layers, size, half), v_data.reshape(layers, size, half)
         width = min(values.shape[1], room)
         whole = width // page_values  # pages the values fill; the rest (if any) get them in part, then zeros
-        split = values[:, : whole * page_values].reshape(layers, whole, 2, half)
-        k_rows[:, :whole], v_rows[:, :whole] = split[:, :, 0], split[:, :, 1]
-        if whole < len(pages):
-            rest = np.zeros((layers, (len(pages) - whole) * page_values), values.dtype)
-            rest[:, : width - whole * page_values] = values[:, whole * page_values: width]
-            rest = rest.reshape(layers, -1, 2, half)
-            k_rows[:, whole: len(pages)], v_rows[:, whole: len(pages)] = rest[:, :, 0], rest[:, :, 1]
-        self.k_pages, self.v_pages = _write_pages(self.k_pages, self.v_pages, padded, k_data, v_data)
-        jax.block_until_ready(self.k_pages)  # the staging buffers may be read until the write is done
+        with staging_buffers(self.k_pages[0].dtype, (layers, size, *self.k_pages[0].shape[1:])) as (k_data, v_data):
+            k_rows, v_rows = k_data.reshape(layers, size, half), v_data.reshape(layers, size, half)
+            split = values[:, : whole * page_values].reshape(layers, whole, 2, half)
+            k_rows[:, :whole], v_rows[:, :whole] = split[:, :, 0], split[:, :, 1]
+            if whole < len(pages):
+                rest = np.zeros((layers, (len(pages) - whole) * page_values), values.dtype)
+                rest[:, : width - whole * page_values] = values[:, whole * page_values: width]
+                rest = rest.reshape(layers, -1, 2, half)
+                k_rows[:, whole: len(pages)], v_rows[:, whole: len(pages)] = rest[:, :, 0], rest[:, :, 1]
+            self.k_pages, self.v_pages = _write_pages(self.k_pages, self.v_pages, padded, k_data, v_data)
+            jax.block_until_ready(self.k_pages)  # the buffers may be read until the write is done
 
     @staticmethod
     def num_compilations() -> int:
