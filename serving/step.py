@@ -25,6 +25,7 @@ from jvila.models import functional
 from jvila.models.kernel_attention import default_attention
 from jvila.models.kv_cache import KVCache
 from serving.adapters.working_set import LoraBatch
+from serving.buckets import bucket, page_bucket
 from serving.host_staging import staging_buffers
 from serving.sampling import SampleOutput, SamplingArrays, sample
 
@@ -34,21 +35,6 @@ MIN_TOKENS = 8
 # Smallest page-table bucket, in tokens: short contexts share one compilation (gathering a few
 # more pages than needed costs less than compiling the whole model again).
 MIN_CONTEXT = 64
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-    """The next power of two ≥ n (and ≥ minimum)."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
-def page_bucket(n: int, minimum: int = 1) -> int:
-    """Page-table width for n pages: the next power of two, or three quarters of it when that holds n
-    (two widths per doubling). The dense attention gathers every column, so a tighter width saves
-    gather work on every step (SmolLM2, batch 8: 8 pages instead of 16 is about 8% of a decode step's
-    CPU time) for at most one more compilation per doubling of the context."""
-    width = bucket(n, minimum)
-    tighter = width * 3 // 4
-    return tighter if width % 4 == 0 and tighter >= max(n, minimum) else width
 
 
 @dataclasses.dataclass

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from serving.buckets import page_bucket
+
 # Canonical module order (PEFT's target_modules names of the LLM decoder's projections).
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -102,10 +104,9 @@ def ordered_modules(modules) -> tuple[str, ...]:
 
 
 def stream_length(values: int) -> int:
-    """Values per layer an adapter's stream is kept with: its own, rounded up to the next power of two or three
-    quarters of it (two sizes per doubling), so that loads of adapters of many ranks share few compiled writes."""
-    size = 1 << (max(values, 1) - 1).bit_length()
-    return size * 3 // 4 if size % 4 == 0 and size * 3 // 4 >= values else size
+    """Values per layer an adapter's stream is kept with: its own, bucketed (two sizes per doubling), so that loads
+    of adapters of many ranks share few compiled writes."""
+    return page_bucket(values)
 
 
 def pack_stream(dims, layers, rank: int, modules) -> np.ndarray:
